@@ -1,0 +1,110 @@
+// Helpers shared by the CPU and CUDA kernels: argument checks and the Gaussian / bilinear / reflection
+// arithmetic of dmgrd.ops.anomaly_map, written to match its torch reference operation for operation.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#ifdef __CUDACC__
+#define DMGRD_HOST_DEVICE __host__ __device__
+#else
+#define DMGRD_HOST_DEVICE
+#endif
+
+namespace dmgrd {
+
+constexpr double kCosineEps = 1e-8;
+
+enum class Reduce : int { Sum = 0, Mean = 1, Mul = 2 };
+
+inline Reduce parse_reduce(const std::string& reduce) {
+  if (reduce == "sum") return Reduce::Sum;
+  if (reduce == "mean") return Reduce::Mean;
+  TORCH_CHECK(reduce == "mul", "dmgrd::anomaly_map: reduce must be sum, mean or mul, got ", reduce);
+  return Reduce::Mul;
+}
+
+// Normalised taps of scipy.ndimage.gaussian_filter (truncate 4): 2 * int(4 sigma + 0.5) + 1 values.
+inline std::vector<double> gaussian_taps(double sigma) {
+  const int64_t radius = static_cast<int64_t>(4.0 * sigma + 0.5);
+  std::vector<double> taps(2 * radius + 1);
+  double total = 0.0;
+  for (int64_t i = -radius; i <= radius; ++i) {
+    const double x = static_cast<double>(i) / sigma;
+    taps[i + radius] = std::exp(-0.5 * x * x);
+    total += taps[i + radius];
+  }
+  for (double& t : taps) t /= total;
+  return taps;
+}
+
+// scipy mode "reflect" (half-sample symmetric), repeated for indices any distance outside [0, size).
+DMGRD_HOST_DEVICE inline int64_t reflect_index(int64_t i, int64_t size) {
+  const int64_t period = 2 * size;
+  int64_t m = i % period;
+  if (m < 0) m += period;
+  return m >= size ? period - 1 - m : m;
+}
+
+// Bilinear source position for align_corners=True, as ATen's upsample_bilinear2d computes it.
+template <typename acc_t>
+struct LinearTap {
+  int64_t i0, i1;
+  acc_t w0, w1;
+};
+
+template <typename acc_t>
+DMGRD_HOST_DEVICE inline acc_t align_corners_scale(int64_t in_size, int64_t out_size) {
+  return out_size > 1 ? static_cast<acc_t>(in_size - 1) / static_cast<acc_t>(out_size - 1) : acc_t(0);
+}
+
+template <typename acc_t>
+DMGRD_HOST_DEVICE inline LinearTap<acc_t> linear_tap(acc_t scale, int64_t dst, int64_t in_size) {
+  const acc_t src = scale * static_cast<acc_t>(dst);
+  const int64_t i0 = static_cast<int64_t>(src);
+  const int64_t i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
+  const acc_t w1 = src - static_cast<acc_t>(i0);
+  return {i0, i1, acc_t(1) - w1, w1};
+}
+
+inline void check_anomaly_map_args(const at::TensorList& teacher, const at::TensorList& student,
+                                   at::IntArrayRef out_size, double sigma) {
+  TORCH_CHECK(!teacher.empty(), "dmgrd::anomaly_map: teacher is empty");
+  TORCH_CHECK(teacher.size() == student.size(), "dmgrd::anomaly_map: teacher has ", teacher.size(),
+              " levels but student has ", student.size());
+  TORCH_CHECK(out_size.size() == 2 && out_size[0] > 0 && out_size[1] > 0,
+              "dmgrd::anomaly_map: out_size must be two positive ints");
+  TORCH_CHECK(sigma >= 0 && std::isfinite(sigma), "dmgrd::anomaly_map: sigma must be finite and >= 0");
+  const auto batch = teacher[0].size(0);
+  for (size_t l = 0; l < teacher.size(); ++l) {
+    const auto& t = teacher[l];
+    const auto& s = student[l];
+    TORCH_CHECK(t.dim() == 4 && s.dim() == 4, "dmgrd::anomaly_map: level ", l, " must be 4-D");
+    TORCH_CHECK(t.sizes() == s.sizes(), "dmgrd::anomaly_map: level ", l, " teacher ", t.sizes(),
+                " != student ", s.sizes());
+    TORCH_CHECK(t.scalar_type() == s.scalar_type() && t.scalar_type() == teacher[0].scalar_type(),
+                "dmgrd::anomaly_map: all levels must share one dtype");
+    TORCH_CHECK(t.device() == teacher[0].device() && s.device() == teacher[0].device(),
+                "dmgrd::anomaly_map: all levels must be on one device");
+    TORCH_CHECK(t.size(0) == batch, "dmgrd::anomaly_map: level ", l, " batch ", t.size(0), " != ", batch);
+    TORCH_CHECK(t.is_floating_point(), "dmgrd::anomaly_map: features must be floating point");
+  }
+}
+
+inline at::ScalarType anomaly_map_out_dtype(at::ScalarType in) {
+  return in == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_image_score_args(const at::Tensor& map, const std::string& mode, int64_t k) {
+  TORCH_CHECK(map.dim() == 3, "dmgrd::image_score: anomaly_map must be [B, H, W], got ", map.sizes());
+  TORCH_CHECK(map.is_floating_point(), "dmgrd::image_score: anomaly_map must be floating point");
+  TORCH_CHECK(mode == "max" || mode == "topk_mean", "dmgrd::image_score: mode must be max or topk_mean");
+  TORCH_CHECK(mode == "max" || (k >= 1 && k <= map.size(1) * map.size(2)),
+              "dmgrd::image_score: k must be in [1, H*W], got ", k);
+}
+
+}  // namespace dmgrd

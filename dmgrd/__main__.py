@@ -1,0 +1,3 @@
+from dmgrd.cli import main
+
+raise SystemExit(main())

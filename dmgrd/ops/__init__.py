@@ -1,0 +1,24 @@
+"""Hot-path ops, each with a pure-torch reference and C++ / CUDA / Triton backends.
+
+``dmgrd.ops.<op>`` picks the backend per call (see :mod:`dmgrd.ops._dispatch`); ``<op>_reference`` is
+the pure-torch definition every fast path is tested against.
+"""
+
+from dmgrd.ops._dispatch import BackendStatus, BackendUnavailableError, backends, op_table, requested_backend, use_backend
+from dmgrd.ops.anomaly_map import anomaly_map, anomaly_map_reference, gaussian_blur_reference, gaussian_weights
+from dmgrd.ops.image_score import image_score, image_score_reference
+
+__all__ = [
+    "BackendStatus",
+    "BackendUnavailableError",
+    "anomaly_map",
+    "anomaly_map_reference",
+    "backends",
+    "gaussian_blur_reference",
+    "gaussian_weights",
+    "image_score",
+    "image_score_reference",
+    "op_table",
+    "requested_backend",
+    "use_backend",
+]

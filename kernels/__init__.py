@@ -1,0 +1,1 @@
+"""Triton kernels of dmgrd's hot paths (installed as dmgrd.kernels)."""
