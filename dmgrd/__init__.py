@@ -1,7 +1,14 @@
-"""dmgrd: GPU-accelerated reverse distillation with memory for industrial anomaly detection."""
+"""dmgrd: GPU-accelerated reverse distillation with memory for industrial anomaly detection.
 
-from dmgrd import ops
+``model = dmgrd.DMGRD(...)``; ``model.fit(train_data)``; ``model.eval(); model(images)`` ->
+:class:`Prediction`; ``dmgrd.evaluate(model, test_data)``; ``model.save(path)`` / ``dmgrd.load(path)``.
+"""
+
+from dmgrd import data, ops
+from dmgrd.engine import evaluate, fit
+from dmgrd.models import DMGRD, RD4AD, DMGRDConfig, Prediction, RD4ADConfig, load
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__"]
+__all__ = ["DMGRD", "RD4AD", "DMGRDConfig", "Prediction", "RD4ADConfig", "data", "evaluate", "fit", "load", "ops",
+           "__version__"]

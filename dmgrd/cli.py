@@ -65,6 +65,9 @@ def demo(batch: int, device: str, seed: int) -> int:
         if dev.type not in status.devices:
             print(f"  {backend:<7} skipped: {status.detail}")
             continue
+        if backend == "triton" and dev.type == "cpu":
+            print(f"  {backend:<7} skipped: the Triton interpreter is for tests, not a fast path")
+            continue
         with ops.use_backend(backend):
             try:
                 ops.anomaly_map(teacher, student, (256, 256))

@@ -1,5 +1,5 @@
-// CPU kernel of dmgrd::image_score: per-image max, or mean of the k largest pixels kept in a min-heap
-// (one pass; a value enters only when it beats the smallest of the current k).
+// CPU kernel of dmgrd::image_score: the mean of the k largest pixels kept in a min-heap (one pass; a value
+// enters only when it beats the smallest of the current k). The max is ATen's own vectorised reduction.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -14,34 +14,6 @@
 
 namespace dmgrd {
 namespace {
-
-template <typename scalar_t, typename acc_t>
-acc_t max_score(const scalar_t* values, int64_t n) {
-  constexpr int64_t kLanes = 16;  // independent running maxima, so the loop vectorises
-  acc_t best[kLanes];
-  bool nan[kLanes] = {};
-  std::fill(best, best + kLanes, -std::numeric_limits<acc_t>::infinity());
-  const int64_t whole = n - n % kLanes;
-  for (int64_t i = 0; i < whole; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const acc_t x = static_cast<acc_t>(values[i + j]);
-      best[j] = x > best[j] ? x : best[j];
-      nan[j] |= x != x;
-    }
-  }
-  acc_t result = -std::numeric_limits<acc_t>::infinity();
-  bool any_nan = false;
-  for (int64_t j = 0; j < kLanes; ++j) {
-    result = std::max(result, best[j]);
-    any_nan |= nan[j];
-  }
-  for (int64_t i = whole; i < n; ++i) {
-    const acc_t x = static_cast<acc_t>(values[i]);
-    result = std::max(result, x);
-    any_nan |= x != x;
-  }
-  return any_nan ? std::numeric_limits<acc_t>::quiet_NaN() : result;
-}
 
 template <typename scalar_t, typename acc_t>
 acc_t topk_mean_score(const scalar_t* values, int64_t n, int64_t k, std::vector<acc_t>& heap) {
@@ -70,7 +42,7 @@ acc_t topk_mean_score(const scalar_t* values, int64_t n, int64_t k, std::vector<
 
 at::Tensor image_score_cpu(const at::Tensor& anomaly_map, c10::string_view mode, int64_t k) {
   check_image_score_args(anomaly_map, std::string(mode), k);
-  const bool topk = mode == "topk_mean";
+  if (mode == "max") return at::amax(anomaly_map.flatten(1), 1);  // ATen's vectorised reduction; NaN propagates
   const at::Tensor maps = anomaly_map.contiguous();
   const int64_t batch = maps.size(0), pixels = maps.size(1) * maps.size(2);
   at::Tensor scores = at::empty({batch}, maps.options());
@@ -82,9 +54,7 @@ at::Tensor image_score_cpu(const at::Tensor& anomaly_map, c10::string_view mode,
       std::vector<acc_t> heap;
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* values = in + b * pixels;
-        const acc_t score =
-            topk ? topk_mean_score<scalar_t, acc_t>(values, pixels, k, heap) : max_score<scalar_t, acc_t>(values, pixels);
-        out[b] = static_cast<scalar_t>(score);
+        out[b] = static_cast<scalar_t>(topk_mean_score<scalar_t, acc_t>(values, pixels, k, heap));
       }
     });
   });

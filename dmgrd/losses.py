@@ -1,0 +1,128 @@
+"""Losses of the reverse-distillation family (SPEC §1.5, §3.4, §4.5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KD_REDUCTIONS = ("flatten", "pixel")
+SSOT_MODES = ("sinkhorn", "legacy", "off")
+
+
+def kd_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], reduction: str = "flatten") -> torch.Tensor:
+    """Σ_l mean_b [1 - cos]: over the flattened C·H·W vector of each image (``"flatten"``, the official code)
+    or per pixel over channels and averaged (``"pixel"``, the RD4AD paper). Computed in float32."""
+    if reduction not in KD_REDUCTIONS:
+        raise ValueError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    total = 0.0
+    for t, s in zip(teacher, student):
+        t, s = t.float(), s.float()
+        if reduction == "flatten":
+            t, s = t.flatten(1), s.flatten(1)
+        total = total + (1 - F.cosine_similarity(t, s, dim=1)).mean()
+    return total
+
+
+def contrast_loss(abnormal: list[torch.Tensor], normal: list[torch.Tensor], margin: float = 0.5) -> torch.Tensor:
+    """Σ_l mean_b max(0, cos(vec a_l[b], vec n_l[b]) - margin): CosineEmbeddingLoss with target -1."""
+    total = 0.0
+    for a, n in zip(abnormal, normal):
+        total = total + F.relu(F.cosine_similarity(a.float().flatten(1), n.float().flatten(1), dim=1) - margin).mean()
+    return total
+
+
+def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, blur: float = 0.05, scaling: float = 0.5,
+                        diameter: float | None = None) -> torch.Tensor:
+    """Debiased entropic OT between uniform point clouds, one problem per batch item: [B, N, D] x [B, M, D] -> [B].
+
+    Cost |x - y|^2 / 2, epsilon = blur^2, annealed from ``diameter^2`` down to ``blur^2`` by ``scaling``
+    (the geomloss ``SamplesLoss("sinkhorn", p=2, debias=True)`` conventions), symmetric log-domain updates.
+    """
+    x, y = x.float(), y.float()
+    if diameter is None:
+        with torch.no_grad():
+            both = torch.cat([x, y], dim=1)
+            diameter = (both.amax(1) - both.amin(1)).norm(dim=-1).max().item() or 1.0
+    eps_list = _epsilon_schedule(diameter, blur, scaling)
+    ot_xy = _ot_entropic(x, y, eps_list)
+    ot_xx = _ot_entropic(x, x, eps_list)
+    ot_yy = _ot_entropic(y, y, eps_list)
+    return ot_xy - 0.5 * (ot_xx + ot_yy)
+
+
+def _epsilon_schedule(diameter: float, blur: float, scaling: float) -> list[float]:
+    steps = max(int(math.ceil(math.log(diameter / blur) / -math.log(scaling))), 0)
+    return [diameter**2] + [(diameter * scaling**i) ** 2 for i in range(1, steps)] + [blur**2] * 2
+
+
+def _ot_entropic(x: torch.Tensor, y: torch.Tensor, eps_list: list[float]) -> torch.Tensor:
+    """Regularised OT cost <a, f> + <b, g> after symmetric Sinkhorn iterations (dual potentials f, g).
+
+    The annealing runs without autograd; one last differentiable update from the converged potentials gives
+    the gradient (the envelope theorem; geomloss's ``last_extrapolation``).
+    """
+    cost = torch.cdist(x, y).square() / 2  # B x N x M
+    log_a = -math.log(x.shape[1])
+    log_b = -math.log(y.shape[1])
+
+    def update(f, g, eps, cost):
+        f_new = -eps * torch.logsumexp(log_b + (g.unsqueeze(1) - cost) / eps, dim=2)
+        g_new = -eps * torch.logsumexp(log_a + (f.unsqueeze(2) - cost) / eps, dim=1)
+        return f_new, g_new
+
+    f = torch.zeros(x.shape[:2], device=x.device)
+    g = torch.zeros(y.shape[:2], device=y.device)
+    with torch.no_grad():
+        for eps in eps_list:
+            f_new, g_new = update(f, g, eps, cost.detach())
+            f, g = 0.5 * (f + f_new), 0.5 * (g + g_new)
+    f, g = update(f, g, eps_list[-1], cost)
+    return f.mean(1) + g.mean(1)
+
+
+def ssot_loss(feats: list[torch.Tensor], mode: str, generator: torch.Generator | None = None,
+              num_points: int = 1024, blur: float = 0.05) -> torch.Tensor:
+    """Self-supervised OT between each sample's feature cloud and another sample's (SPEC §3.4).
+
+    ``"sinkhorn"``: B problems per level, x = the sample's pixels (L2-normalised over channels, up to
+    ``num_points`` of them), y = the same for the batch rolled by a random non-zero shift.
+    ``"legacy"``: the official construction, softmax(vec Z) of the batch as *one* cloud of B points against
+    its permutation: the same empirical measure, so the divergence is ~0 with no useful gradient.
+    """
+    if mode not in SSOT_MODES:
+        raise ValueError(f"ssot must be one of {SSOT_MODES}, got {mode!r}")
+    batch, device = feats[0].shape[0], feats[0].device
+    if mode == "off" or batch < 2:
+        return torch.zeros((), device=device)
+    total = 0.0
+    if mode == "legacy":
+        perm = torch.randperm(batch, generator=generator).to(device)
+        for z in feats:
+            cloud = torch.softmax(z.float().flatten(1), dim=1).unsqueeze(0)  # 1 x B x CHW
+            total = total + sinkhorn_divergence(cloud, cloud[:, perm], blur=blur).sum()
+        return total
+    shift = int(torch.randint(1, batch, (1,), generator=generator))
+    for z in feats:
+        points = F.normalize(z.float().flatten(2).transpose(1, 2), dim=2)  # B x HW x C
+        if points.shape[1] > num_points:
+            keep = torch.randperm(points.shape[1], generator=generator)[:num_points].to(device)
+            points = points[:, keep]
+        total = total + sinkhorn_divergence(points, points.roll(shift, dims=0), blur=blur, diameter=2.0).mean()
+    return total
+
+
+def triplet_loss(anchor: list[torch.Tensor], positive: list[torch.Tensor], negative: list[torch.Tensor],
+                 margin: float = 1.0) -> torch.Tensor:
+    """Σ_l TripletMarginLoss(margin) on the L2-normalised global-average-pooled feature vectors.
+
+    DM-GRD's ``triplet="embedding"`` passes (Z_n, Z_n of other samples, Z_a); ``"legacy"`` (the official code)
+    passes memory items only, with positive and negative the same tensor, so the value is the constant
+    ``num_levels * margin`` and has no gradient (SPEC §4.5).
+    """
+    total = 0.0
+    for a, p, n in zip(anchor, positive, negative):
+        pooled = [F.normalize(x.float().mean((2, 3)), dim=1) for x in (a, p, n)]
+        total = total + F.triplet_margin_loss(*pooled, margin=margin)
+    return total

@@ -1,0 +1,195 @@
+"""What every method shares: config with presets, the scoring forward pass, fit, save and load."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dmgrd import ops
+from dmgrd.losses import KD_REDUCTIONS
+from dmgrd.ops.image_score import MODES as IMAGE_SCORE_MODES
+from dmgrd.models.teacher import Teacher
+
+CHECKPOINT_FORMAT = "dmgrd-checkpoint"
+CHECKPOINT_VERSION = 1
+METHODS: dict[str, type[AnomalyModel]] = {}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per-pixel anomaly map [B, 1, H, W] and image score [B] of a batch."""
+
+    anomaly_map: torch.Tensor
+    score: torch.Tensor
+
+
+@dataclass
+class ModelConfig:
+    """Settings every method shares. ``preset`` names the defaults the method's presets filled in."""
+
+    backbone: str = "wide_resnet50_2"
+    weights: str | None = "imagenet"
+    preset: str = "clean"
+    image_size: int | tuple[int, int] = 256
+    kd_reduction: str = "flatten"
+    image_score: str = "max"
+    topk: int = 100
+    sigma: float = 4.0
+    lr: float = 5e-3
+    betas: tuple[float, float] = (0.5, 0.999)
+    min_lr: float = 1e-4
+    warmup_fraction: float = 0.1
+    seed: int = 111
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"clean": {}, "official": {}}
+    CHOICES: ClassVar[dict[str, tuple]] = {"kd_reduction": KD_REDUCTIONS, "image_score": IMAGE_SCORE_MODES}
+
+    def __post_init__(self):
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_preset(cls, preset: str = "clean", **overrides) -> ModelConfig:
+        """The preset's values with ``overrides`` on top; unknown names raise ``TypeError``."""
+        if preset not in cls.PRESETS:
+            raise ValueError(f"preset must be one of {tuple(cls.PRESETS)}, got {preset!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - fields
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} option(s): {', '.join(sorted(unknown))}")
+        return cls(**{**cls.PRESETS[preset], **overrides, "preset": preset})
+
+    @property
+    def size(self) -> tuple[int, int]:
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class AnomalyModel(nn.Module):
+    """Base of every method: a frozen teacher, a trainable student path, and the shared scoring.
+
+    Subclasses set ``method`` and ``config_class`` and implement :meth:`student_features` and
+    :meth:`training_losses` (and :meth:`prepare` when training needs data-dependent state such as memory).
+    """
+
+    method: ClassVar[str] = ""
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            METHODS[cls.method] = cls
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        height, width = config.size
+        if height % 32 or width % 32:
+            raise ValueError(f"image_size must be a multiple of 32 in both dimensions, got {config.image_size}")
+        self.config = config
+        self.teacher = Teacher(config.backbone, config.weights)
+
+    # -- to implement -------------------------------------------------------------------------------
+    def student_features(self, teacher_feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The student's reconstruction of the teacher pyramid at inference."""
+        raise NotImplementedError
+
+    def training_losses(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Loss terms of one training step; ``"loss"`` is the one optimised."""
+        raise NotImplementedError
+
+    def prepare(self, train_data, generator: torch.Generator, batch_size: int = 8) -> None:
+        """Data-dependent state built before training (memory banks); nothing by default."""
+
+    # -- shared ---------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise ValueError unless ``images`` is a finite float [B, 3, H, W] batch at the model's image size."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a [B, 3, H, W] tensor in [0, 1], got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
+        if tuple(images.shape[2:]) != self.config.size:
+            raise ValueError(f"images are {tuple(images.shape[2:])} but the model expects image_size "
+                             f"{self.config.size}; resize them (the dataset readers do)")
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values")
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> Prediction:
+        """Anomaly maps and scores for a batch of [0, 1] images at ``image_size`` (no autograd graph)."""
+        self.check_images(images)
+        teacher_feats = self.teacher(images)
+        student_feats = self.student_features(teacher_feats)
+        maps = ops.anomaly_map(teacher_feats, student_feats, self.config.size, reduce="sum", sigma=self.config.sigma)
+        return Prediction(maps, ops.image_score(maps, self.config.image_score, self.config.topk))
+
+    def fit(self, train_data, steps: int = 1000, batch_size: int = 8, **kwargs) -> list[dict[str, float]]:
+        """Train on a data set of normal images (items with ``"image"``); see :func:`dmgrd.engine.fit`."""
+        from dmgrd.engine import fit
+
+        return fit(self, train_data, steps=steps, batch_size=batch_size, **kwargs)
+
+    def save(self, path: str | Path) -> None:
+        """Write config, weights and buffers (memory banks) to ``path`` atomically (write, then rename)."""
+        path = Path(path)
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> AnomalyModel:
+    """Rebuild a model saved with :meth:`AnomalyModel.save` (``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated or foreign files fail in many ways inside torch.load
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a dmgrd checkpoint")
+    method = payload.get("method")
+    if method not in METHODS:
+        raise ValueError(f"{path} holds an unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
+    cls = METHODS[method]
+    config = dict(payload["config"])
+    config["betas"] = tuple(config["betas"])
+    if isinstance(config["image_size"], list):
+        config["image_size"] = tuple(config["image_size"])
+    config["weights"] = None  # the teacher's weights come from the checkpoint itself
+    model = cls(config=cls.config_class(**config))
+    model.load_state_dict(payload["state_dict"])
+    model.config.weights = payload["config"]["weights"]
+    model.eval()
+    return model.to(map_location) if map_location is not None else model

@@ -1,0 +1,102 @@
+"""Multi-scale feature fusion (MSFF, SPEC §4.4): DM-GRD's module that merges the memory-guided features
+``[F_l, (M_l - F_l)^2]`` of three levels into teacher-shaped features for the student."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_MODES = ("softmax", "dot_product")
+
+
+class NonLocal2D(nn.Module):
+    """Non-local block (Wang et al.) with 2x2 max-pooled keys and values, starting as the identity.
+
+    ``attention="softmax"`` (embedded Gaussian) runs through ``scaled_dot_product_attention``;
+    ``"dot_product"`` is the official code's form ``(theta^T phi / N) g``, computed as
+    ``theta (phi g) / N`` so the N x N' matrix is never built (same values, far cheaper).
+    """
+
+    def __init__(self, channels: int, attention: str = "softmax"):
+        super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        inter = max(channels // 2, 1)
+        self.attention = attention
+        self.theta = nn.Conv2d(channels, inter, 1)
+        self.phi = nn.Sequential(nn.Conv2d(channels, inter, 1), nn.MaxPool2d(2, ceil_mode=True))
+        self.g = nn.Sequential(nn.Conv2d(channels, inter, 1), nn.MaxPool2d(2, ceil_mode=True))
+        self.out = nn.Sequential(nn.Conv2d(inter, channels, 1), nn.BatchNorm2d(channels))
+        nn.init.zeros_(self.out[1].weight)
+        nn.init.zeros_(self.out[1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        query = self.theta(x).flatten(2).transpose(1, 2)  # B x N x inter
+        key = self.phi(x).flatten(2).transpose(1, 2)  # B x N' x inter
+        value = self.g(x).flatten(2).transpose(1, 2)
+        if self.attention == "softmax":
+            y = F.scaled_dot_product_attention(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)).squeeze(1)
+        else:
+            y = query @ (key.transpose(1, 2) @ value) / key.shape[1]
+        return x + self.out(y.transpose(1, 2).reshape(b, -1, h, w))
+
+
+class MSFFBlock(nn.Module):
+    """conv3x3 branch gated by a non-local branch, then two 3x3 convs halving the channels."""
+
+    def __init__(self, channels: int, attention: str = "softmax"):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.nonlocal_block = NonLocal2D(channels, attention)
+        self.reduce = nn.Sequential(nn.Conv2d(channels, channels // 2, 3, padding=1),
+                                    nn.Conv2d(channels // 2, channels // 2, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.conv(x) * self.nonlocal_block(x))
+
+
+class SpatialAttention(nn.Module):
+    """CBAM spatial attention: sigmoid(conv7x7([max_c x, mean_c x]))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, 7, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.conv(pooled))
+
+
+def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=True)
+
+
+class MSFF(nn.Module):
+    """Three MSFF blocks, a top-down pathway, and spatial-attention masks chained coarse to fine.
+
+    Takes the memory-guided inputs (``2 * C_l`` channels per level) and returns ``C_l`` channels per level.
+    """
+
+    def __init__(self, channels: tuple[int, int, int], attention: str = "softmax"):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.blocks = nn.ModuleList(MSFFBlock(2 * c, attention) for c in channels)
+        self.top_down32 = nn.Conv2d(c3, c2, 3, padding=1)
+        self.top_down21 = nn.Conv2d(c2, c1, 3, padding=1)
+        self.spatial_attention = SpatialAttention()
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        f1, f2, f3 = (block(x) for block, x in zip(self.blocks, inputs))
+        f2 = f2 + self.top_down32(_up(f3, f2))
+        f1 = f1 + self.top_down21(_up(f2, f1))
+        m1, m2, m3 = self.attention_masks(inputs)
+        return [f1 * m1, f2 * m2, f3 * m3]
+
+    def attention_masks(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """m3 = sam(x3), m2 = sam(x2) * up(m3), m1 = sam(x1) * up(m2)."""
+        m3 = self.spatial_attention(inputs[2])
+        m2 = self.spatial_attention(inputs[1]) * _up(m3, inputs[1])
+        m1 = self.spatial_attention(inputs[0]) * _up(m2, inputs[0])
+        return m1, m2, m3
