@@ -14,7 +14,6 @@ $(INSTALLED): $(SOURCES)
 	touch $@
 
 demo: $(INSTALLED)
-	$(BIN)/dmgrd info
 	$(BIN)/dmgrd demo
 
 # TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors; set TRITON_INTERPRET=0 on a GPU machine.

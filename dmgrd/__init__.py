@@ -4,11 +4,23 @@
 :class:`Prediction`; ``dmgrd.evaluate(model, test_data)``; ``model.save(path)`` / ``dmgrd.load(path)``.
 """
 
-from dmgrd import data, ops
+from dmgrd import data, metrics, ops
 from dmgrd.engine import evaluate, fit
 from dmgrd.models import DMGRD, RD4AD, DMGRDConfig, Prediction, RD4ADConfig, load
 
 __version__ = "0.1.0"
 
-__all__ = ["DMGRD", "RD4AD", "DMGRDConfig", "Prediction", "RD4ADConfig", "data", "evaluate", "fit", "load", "ops",
-           "__version__"]
+__all__ = [
+    "DMGRD",
+    "RD4AD",
+    "DMGRDConfig",
+    "Prediction",
+    "RD4ADConfig",
+    "__version__",
+    "data",
+    "evaluate",
+    "fit",
+    "load",
+    "metrics",
+    "ops",
+]

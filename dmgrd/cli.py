@@ -1,27 +1,180 @@
-"""Command line: ``dmgrd info`` (backends and devices) and ``dmgrd demo`` (the ops end to end)."""
+"""Command line: ``dmgrd train | test | predict | export | info | demo`` (also ``python -m dmgrd``)."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.metadata
+import json
+import os
 import platform
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
 import dmgrd
+import dmgrd.visualize
 from dmgrd import ops
 
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+METHODS = {"dmgrd": "DMGRD", "rd4ad": "RD4AD"}
+DATASETS = {"mvtec": "MVTecAD", "visa": "VisA", "btad": "BTAD", "folder": "Folder", "synthetic": "Synthetic"}
+CHECKPOINT_NAME = "model.pt"
 
 
-def info() -> int:
+# -- data ---------------------------------------------------------------------------------------------------
+
+def make_dataset(args, split: str, image_size):
+    """The data set named by ``--dataset`` for ``split`` ("train" or "test")."""
+    cls = getattr(dmgrd.data, DATASETS[args.dataset])
+    if args.dataset == "folder":
+        if not args.normal_dir:
+            raise SystemExit("dmgrd: --dataset folder needs --normal-dir (and --abnormal-dir/--mask-dir to test)")
+        if split == "train":
+            return cls(args.normal_dir, image_size=image_size)
+        return cls(args.normal_dir, args.abnormal_dir, args.mask_dir, image_size=image_size)
+    if args.dataset == "synthetic":
+        return cls(split=split, category=args.category or "texture", image_size=image_size, seed=args.seed)
+    if not args.data_root or not args.category:
+        raise SystemExit(f"dmgrd: --dataset {args.dataset} needs --data-root and --category")
+    return cls(args.data_root, args.category, split, image_size=image_size)
+
+
+def split_validation(data, fraction: float, seed: int):
+    """(train, validation) subsets: a seeded random ``fraction`` of the normal training images is held out."""
+    count = int(round(fraction * len(data)))
+    if count == 0:
+        return data, None
+    if count >= len(data):
+        raise SystemExit(f"dmgrd: --val-fraction {fraction} leaves no training images")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    return torch.utils.data.Subset(data, order[count:]), torch.utils.data.Subset(data, order[:count])
+
+
+def decision_thresholds(model, validation, batch_size: int, num_workers: int, quantile: float) -> dict[str, float]:
+    """Image threshold = the largest validation score; pixel threshold = the ``quantile`` of validation pixels."""
+    results = dmgrd.engine.predict(model, validation, batch_size, num_workers, progress=False)
+    scores, pixels = results.scores, results.maps.flatten()
+    if pixels.numel() > 10_000_000:
+        pixels = pixels[torch.randperm(pixels.numel(), generator=torch.Generator().manual_seed(0))[:10_000_000]]
+    return {"image": float(scores.max()), "pixel": float(torch.quantile(pixels, quantile)), "quantile": quantile}
+
+
+# -- commands -----------------------------------------------------------------------------------------------
+
+def init_distributed(device: str) -> tuple[int, str]:
+    """Join the process group ``torchrun`` describes (gloo on CPU, NCCL on GPUs): (rank, this rank's device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, device
+    use_cuda = device.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), device
+
+
+def train(args) -> int:
+    """Fit a model, then write the checkpoint (with decision thresholds), config.json and the training log."""
+    rank, args.device = init_distributed(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / CHECKPOINT_NAME
+    data = make_dataset(args, "train", args.image_size)
+    train_data, validation = split_validation(data, args.val_fraction, args.seed)
+    cls = getattr(dmgrd, METHODS[args.method])
+    options = {"textures": args.textures} if args.method == "dmgrd" and args.textures else {}
+    torch.manual_seed(args.seed)
+    model = cls(args.backbone, weights=args.weights, preset=args.preset, image_size=args.image_size,
+                seed=args.seed, **options).to(args.device)
+    start = time.perf_counter()
+    history = model.fit(train_data, steps=args.steps, batch_size=args.batch_size, num_workers=args.num_workers,
+                        checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    seconds = time.perf_counter() - start
+    if rank > 0:
+        return 0
+    extra = {"train_state": dmgrd.models.base.read_payload(checkpoint)["train_state"]}
+    if validation is not None:
+        extra["thresholds"] = decision_thresholds(model, validation, args.batch_size, args.num_workers,
+                                                  args.threshold_quantile)
+    model.save(checkpoint, **extra)
+    config = {"method": args.method, "dataset": args.dataset, "category": args.category,
+              "train_images": len(train_data), "validation_images": 0 if validation is None else len(validation),
+              "steps": args.steps, "batch_size": args.batch_size, "model": model.config.to_dict(),
+              "thresholds": extra.get("thresholds")}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    _write_rows(out / "train_log.csv", [{"step": i, **row} for i, row in enumerate(history)])
+    print(f"trained {args.method} for {args.steps} steps in {seconds:.1f} s -> {checkpoint}")
+    return 0
+
+
+def test(args) -> int:
+    """Evaluate a checkpoint on a test split: metrics.json, scores.csv, result panels and roc.png."""
+    model, _ = dmgrd.models.base.read_checkpoint(args.checkpoint, map_location=args.device)
+    data = make_dataset(args, "test", model.config.image_size)
+    out = Path(args.out)
+    results = dmgrd.engine.predict(model, data, args.batch_size, args.num_workers)
+    metrics = dmgrd.metrics.compute_metrics(results.scores, results.labels, results.maps, results.masks)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    _write_rows(out / "scores.csv", [{"path": p, "label": int(y), "score": float(s)}
+                                     for p, y, s in zip(results.paths, results.labels, results.scores)])
+    dmgrd.visualize.save_roc_plot(results.labels.numpy(), results.scores.numpy(), out / "roc.png", title=model.method)
+    if args.overlays:
+        vmin, vmax = _map_range(results.maps)
+        for i, path in enumerate(tqdm(results.paths, desc="writing panels", dynamic_ncols=True)):
+            panel = dmgrd.visualize.result_panel(data[i]["image"], results.maps[i], vmin, vmax, results.masks[i])
+            dmgrd.visualize.save_png(panel, out / "overlays" / f"{i:04d}_{Path(path).stem}.png")
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def predict(args) -> int:
+    """Score images (files or folders): scores.csv, overlays and, with --masks, binary masks."""
+    model, extra = dmgrd.models.base.read_checkpoint(args.checkpoint, map_location=args.device)
+    files = _image_files(args.inputs)
+    threshold = args.threshold if args.threshold is not None else (extra.get("thresholds") or {}).get("pixel")
+    if args.masks and threshold is None:
+        raise SystemExit("dmgrd: the checkpoint stores no threshold (trained with --val-fraction 0): pass --threshold")
+    image_threshold = (extra.get("thresholds") or {}).get("image")
+    out = Path(args.out)
+    rows = []
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start:start + args.batch_size]
+        images = torch.stack([dmgrd.data.read_image(f, model.config.size) for f in chunk])
+        prediction = model(images.to(model.device))
+        vmin, vmax = (0.0, 2 * threshold) if threshold else _map_range(prediction.anomaly_map)
+        for file, image, amap, score in zip(chunk, images, prediction.anomaly_map.cpu(), prediction.score.cpu()):
+            row = {"path": str(file), "score": float(score)}
+            if image_threshold is not None:
+                row["anomalous"] = int(score > image_threshold)
+            rows.append(row)
+            dmgrd.visualize.save_png(dmgrd.visualize.overlay(image, amap, vmin, vmax), out / f"{file.stem}_overlay.png")
+            if args.masks:
+                mask = ((amap[0] > threshold).numpy() * 255).astype("uint8")
+                dmgrd.visualize.save_png(mask, out / f"{file.stem}_mask.png")
+            print(f"{file}\t{float(score):.5f}" + (f"\t{'ANOMALOUS' if row['anomalous'] else 'ok'}"
+                                                    if "anomalous" in row else ""))
+    _write_rows(out / "scores.csv", rows)
+    return 0
+
+
+def export(args) -> int:
+    """Write the model as ONNX (pure-torch op paths), checking it against torch when onnxruntime is installed."""
+    from dmgrd.export import export_onnx
+
+    model, _ = dmgrd.models.base.read_checkpoint(args.checkpoint)
+    error = export_onnx(model, args.out, opset=args.opset)
+    print(f"wrote {args.out}" + (f"; max |onnxruntime - torch| map error {error:.2e}" if error is not None else
+                                  " (onnxruntime not installed: not checked)"))
+    return 0
+
+
+def info(args=None) -> int:
     """Print versions, devices, and per op and backend whether it runs here or why not."""
     print(f"dmgrd {dmgrd.__version__}  python {platform.python_version()}  torch {torch.__version__}  "
           f"triton {_version('triton')}")
@@ -42,59 +195,137 @@ def info() -> int:
     return 0
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def demo(args) -> int:
+    """Train DM-GRD on the built-in Synthetic data, evaluate, and write result panels (a few minutes on a CPU)."""
+    info()
+    out = Path(args.out)
+    base = ["--dataset", "synthetic", "--category", args.category, "--device", args.device, "--seed", str(args.seed),
+            "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
+    print(f"\ntraining DM-GRD on the built-in Synthetic '{args.category}' data ({args.steps} steps) ...")
+    main(["train", *base, "--method", "dmgrd", "--backbone", "efficientnet_lite0", "--image-size",
+          str(args.image_size), "--steps", str(args.steps), "--out", str(out)])
+    print("\nevaluating on the Synthetic test split ...")
+    return main(["test", *base, "--checkpoint", str(out / CHECKPOINT_NAME), "--out", str(out / "test")])
 
 
-def demo(batch: int, device: str, seed: int) -> int:
-    """Anomaly maps and scores of random teacher/student pyramids on every backend that runs here."""
-    dev = torch.device(device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    shapes = [(256, 64, 64), (512, 32, 32), (1024, 16, 16)]
-    teacher = [torch.randn(batch, *s, generator=gen).to(dev) for s in shapes]
-    # The student matches the teacher except in a square "defect" region of the last image.
-    student = [t + 0.1 * torch.randn(t.shape, generator=gen).to(dev) for t in teacher]
-    for s in student:
-        size = s.shape[-1]
-        s[-1, :, size // 4 : size // 2, size // 4 : size // 2] = torch.randn(s.shape[1], size // 4, size // 4,
-                                                                             generator=gen).to(dev)
-    reference = ops.anomaly_map_reference(teacher, student, (256, 256))
-    print(f"random pyramids {shapes}, batch {batch}, on {dev}; last image has a defect")
-    for backend, status in ops.backends().items():
-        if dev.type not in status.devices:
-            print(f"  {backend:<7} skipped: {status.detail}")
-            continue
-        if backend == "triton" and dev.type == "cpu":
-            print(f"  {backend:<7} skipped: the Triton interpreter is for tests, not a fast path")
-            continue
-        with ops.use_backend(backend):
-            try:
-                ops.anomaly_map(teacher, student, (256, 256))
-            except ops.BackendUnavailableError as exc:
-                print(f"  {backend:<7} skipped: {exc}")
-                continue
-            _synchronize(dev)
-            start = time.perf_counter()
-            maps = ops.anomaly_map(teacher, student, (256, 256))
-            _synchronize(dev)
-            elapsed = time.perf_counter() - start
-            scores = ops.image_score(maps, "topk_mean", k=100)
-        err = (maps - reference).abs().max().item()
-        print(f"  {backend:<7} {batch / elapsed:8.1f} images/s  max |map - reference| {err:.2e}  "
-              f"scores {[round(v, 3) for v in scores.tolist()]}")
-    return 0
+# -- helpers ------------------------------------------------------------------------------------------------
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _image_files(inputs: Sequence[str]) -> list[Path]:
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = dmgrd.data.io.list_images(item)
+            if not found:
+                raise SystemExit(f"dmgrd: no images in folder {item}")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise SystemExit(f"dmgrd: no such file or folder: {item}")
+    return files
+
+
+def _map_range(maps: torch.Tensor) -> tuple[float, float]:
+    flat = maps.flatten().float()
+    if flat.numel() > 1_000_000:
+        flat = flat[:: flat.numel() // 1_000_000 + 1]
+    return float(flat.quantile(0.01)), float(flat.quantile(0.999))
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# -- parser -------------------------------------------------------------------------------------------------
+
+def _common(parser: argparse.ArgumentParser, batch_size: int = 8) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=111)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--num-workers", type=int, default=0)
+
+
+def _data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=list(DATASETS), default="mvtec")
+    parser.add_argument("--data-root", help="data set root folder (mvtec, visa, btad)")
+    parser.add_argument("--category", help="category, e.g. bottle (synthetic: texture or object)")
+    parser.add_argument("--normal-dir", help="folder data set: normal images")
+    parser.add_argument("--abnormal-dir", help="folder data set: defective images (test)")
+    parser.add_argument("--mask-dir", help="folder data set: masks named like the defective images (test)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmgrd", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train a model on normal images")
+    _data_options(p)
+    _common(p)
+    p.add_argument("--method", choices=list(METHODS), default="dmgrd")
+    p.add_argument("--backbone", default="wide_resnet50_2")
+    p.add_argument("--weights", default="imagenet", help='"imagenet", a .pth file, or "none"')
+    p.add_argument("--preset", choices=["clean", "official"], default="clean")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--textures", help="DM-GRD: texture folder (DTD layout); default: procedural textures")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="normal training images held out for thresholds")
+    p.add_argument("--threshold-quantile", type=float, default=0.999, help="pixel threshold: quantile of validation")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=train)
+
+    p = commands.add_parser("test", help="evaluate a checkpoint on a test split")
+    _data_options(p)
+    _common(p, batch_size=16)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-overlays", dest="overlays", action="store_false", help="skip the result panels")
+    p.set_defaults(handler=test)
+
+    p = commands.add_parser("predict", help="score new images")
+    _common(p, batch_size=16)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--masks", action="store_true", help="also write binary masks")
+    p.add_argument("--threshold", type=float, help="pixel threshold (default: the one stored at training)")
+    p.set_defaults(handler=predict)
+
+    p = commands.add_parser("export", help="export a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=export)
+
+    p = commands.add_parser("info", help="backends, devices and versions")
+    p.set_defaults(handler=info)
+
+    p = commands.add_parser("demo", help="train and evaluate DM-GRD on built-in synthetic data")
+    _common(p)
+    p.add_argument("--category", choices=["texture", "object"], default="texture")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--out", default="dmgrd-demo")
+    p.set_defaults(handler=demo)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dmgrd", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="backends, devices and versions")
-    demo_parser = commands.add_parser("demo", help="the anomaly-map op end to end on random features")
-    demo_parser.add_argument("--batch-size", type=int, default=4)
-    demo_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    demo_parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        return info()
-    return demo(args.batch_size, args.device, args.seed)
+    args = build_parser().parse_args(argv)
+    if getattr(args, "weights", None) == "none":
+        args.weights = None
+    return args.handler(args)

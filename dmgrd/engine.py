@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
-from torch.utils.data import DataLoader, RandomSampler
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
+
+from dmgrd.models.base import read_payload
 
 
 def warmup_cosine(step: int, total: int, warmup: int, max_lr: float, min_lr: float) -> float:
@@ -21,81 +27,185 @@ def warmup_cosine(step: int, total: int, warmup: int, max_lr: float, min_lr: flo
     return min_lr + (max_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _batches(data, batch_size: int, generator: torch.Generator, num_workers: int) -> Iterator[dict]:
-    sampler = RandomSampler(data, generator=generator)
-    loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        drop_last=len(data) >= batch_size)
-    while True:
-        yield from loader
+def seeded_generator(seed: int, *keys) -> torch.Generator:
+    """A CPU generator whose seed is a stable function of ``seed`` and ``keys`` (e.g. the step)."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:7], "little"))
+
+
+class StepBatchSampler(Sampler):
+    """Batch indices for steps ``start..steps-1``: epoch ``e`` visits a permutation seeded by ``(seed, e)``.
+
+    Batch ``s`` depends only on ``(seed, s)``, so a resumed run sees exactly the batches of an uninterrupted one.
+    In a distributed run the global batch is ``batch_size * world`` and rank ``r`` takes every world-th item.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, steps: int, rank: int = 0, world: int = 1):
+        self.size, self.batch_size = size, min(batch_size * world, size)
+        self.seed, self.start, self.steps = seed, start, steps
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_epoch = self.size // self.batch_size
+        for step in range(self.start, self.steps):
+            epoch, position = divmod(step, per_epoch)
+            order = torch.randperm(self.size, generator=seeded_generator(self.seed, "epoch", epoch))
+            batch = order[position * self.batch_size:(position + 1) * self.batch_size]
+            yield batch[self.rank::self.world].tolist()
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _TrainingStep(nn.Module):
+    """``model.training_losses`` as a module forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.model.training_losses(images, generator)
+
+
+def _trained_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Buffers that change in training (BatchNorm statistics outside the teacher), not memory or teacher."""
+    return [(name, b) for name, b in module.named_buffers()
+            if "teacher." not in name and "_memory." not in name]
+
+
+def _distributed_step(model, device: torch.device) -> nn.Module:
+    """DDP around the training step. Rank 0's memory banks are broadcast once here; DDP then keeps weights and
+    the trainable BatchNorm statistics in step, and ignores the large, fixed memory and teacher buffers."""
+    step = _TrainingStep(model)
+    for name, buffer in step.named_buffers():
+        if "_memory." in name:
+            dist.broadcast(buffer, 0)
+    trained = {name for name, _ in _trained_buffers(step)}
+    fixed = [name for name, _ in step.named_buffers() if name not in trained]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, fixed)
+    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _resume_state(model, optimizer, path: Path) -> tuple[int, list[dict[str, float]]]:
+    payload = read_payload(path)
+    saved = payload.get("train_state")
+    if payload.get("method") != model.method or saved is None:
+        raise ValueError(f"{path} is not a {model.method} training checkpoint that can be resumed")
+    if payload["config"] != model.config.to_dict():
+        raise ValueError(f"{path} was trained with a different configuration; resume with the same options")
+    model.load_state_dict(payload["state_dict"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return int(saved["step"]), list(saved["history"])
 
 
 def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | None = None, num_workers: int = 0,
-        progress: bool = True) -> list[dict[str, float]]:
+        progress: bool = True, checkpoint: str | Path | None = None, checkpoint_every: int = 0,
+        resume: bool = False) -> list[dict[str, float]]:
     """Train ``model`` on normal images for ``steps`` optimiser steps and return the per-step losses.
 
     Builds the model's data-dependent state first (memory banks), then runs Adam with the config's lr and
-    betas under a warm-up + cosine schedule, with bf16 autocast on CUDA. Randomness (batch order,
-    synthesis, memory items) comes from one generator seeded with ``seed`` (default: the config's), so
-    two runs with the same seed give the same losses. The model ends in eval mode.
+    betas under a warm-up + cosine schedule, with bf16 autocast on CUDA. Every random draw of step ``s``
+    (batch, synthesis) comes from a generator seeded by ``(seed, s)`` (default seed: the config's), so runs
+    are reproducible. With ``checkpoint`` the model and its training state are saved there atomically
+    every ``checkpoint_every`` steps and at the end; ``resume=True`` continues from that file to the same
+    result as an uninterrupted run. The model ends in eval mode.
+
+    Inside an initialised process group (``torchrun``) the step runs under DistributedDataParallel: rank 0
+    builds the memory banks and broadcasts them, each rank trains on its share of every global batch, and
+    only rank 0 writes checkpoints.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if len(train_data) == 0:
         raise ValueError("train_data is empty")
     config = model.config
-    generator = torch.Generator().manual_seed(config.seed if seed is None else seed)
+    seed = config.seed if seed is None else seed
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
     device = model.device
+    rank, world = _distributed()
     model.train()
-    model.prepare(train_data, generator, batch_size)
+    model.prepare(train_data, seeded_generator(seed, "prepare"), batch_size, build_memory=rank == 0)
+    training_step = _distributed_step(model, device) if world > 1 else model.training_losses
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.lr, betas=tuple(config.betas))
+    start, history = 0, []
+    if resume:
+        if checkpoint is None or not checkpoint.is_file():
+            raise FileNotFoundError(f"nothing to resume: checkpoint {checkpoint} does not exist")
+        start, history = _resume_state(model, optimizer, checkpoint)
     warmup = int(config.warmup_fraction * steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, steps, warmup, config.lr, config.min_lr) / config.lr)
-    batches = _batches(train_data, batch_size, generator, num_workers)
-    history = []
-    bar = tqdm(range(steps), desc=f"training {model.method}", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        images = next(batches)["image"].to(device, non_blocking=True)
+    sampler = StepBatchSampler(len(train_data), batch_size, seed, start, steps, rank, world)
+    loader = DataLoader(train_data, batch_sampler=sampler, num_workers=num_workers)
+    bar = tqdm(loader, desc=f"training {model.method}", initial=start, total=steps,
+               disable=not progress or rank > 0, dynamic_ncols=True)
+    for step, batch in enumerate(bar, start):
+        images = batch["image"].to(device, non_blocking=True)
         if not torch.isfinite(images).all():
             raise ValueError(f"training batch at step {step} contains NaN or infinite pixel values")
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(step, steps, warmup, config.lr, config.min_lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses = model.training_losses(images, generator)
+            losses = training_step(images, seeded_generator(seed, "step", step, *([rank] if rank else [])))
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
-        schedule.step()
         record = {name: float(value.detach()) for name, value in losses.items()}
         if not math.isfinite(record["loss"]):
             raise FloatingPointError(f"training diverged at step {step}: loss {record['loss']}")
         record["lr"] = optimizer.param_groups[0]["lr"]
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
+        done = step + 1
+        if checkpoint is not None and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
+            if rank == 0:
+                model.save(checkpoint, train_state={"step": done, "optimizer": optimizer.state_dict(),
+                                                    "history": history})
+            if world > 1:
+                dist.barrier()
+    if world > 1:  # DDP syncs buffers before each forward; align the last step's statistics too
+        for _, buffer in _trained_buffers(model):
+            dist.broadcast(buffer, 0)
     model.eval()
     return history
 
 
+@dataclass
+class Results:
+    """Model outputs over a data set (CPU tensors): scores [N], labels [N], maps and masks [N, 1, H, W], paths."""
+
+    scores: torch.Tensor
+    labels: torch.Tensor
+    maps: torch.Tensor
+    masks: torch.Tensor
+    paths: list[str]
+
+
 @torch.inference_mode()
-def predict(model, data, batch_size: int = 16, num_workers: int = 0, progress: bool = True):
-    """Scores [N], labels [N], maps [N, 1, H, W] and masks [N, 1, H, W] (CPU) over a data set."""
+def predict(model, data, batch_size: int = 16, num_workers: int = 0, progress: bool = True) -> Results:
+    """Run ``model`` over every item of ``data`` (dicts with ``image``, ``mask``, ``label``, ``path``)."""
     model.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    scores, labels, maps, masks = [], [], [], []
+    scores, labels, maps, masks, paths = [], [], [], [], []
     for batch in tqdm(loader, desc="scoring", disable=not progress, dynamic_ncols=True):
         out = model(batch["image"].to(model.device))
         scores.append(out.score.float().cpu())
         maps.append(out.anomaly_map.float().cpu())
         labels.append(torch.as_tensor(batch["label"]))
         masks.append(batch["mask"])
-    return torch.cat(scores), torch.cat(labels), torch.cat(maps), torch.cat(masks)
+        paths += list(batch["path"])
+    return Results(torch.cat(scores), torch.cat(labels), torch.cat(maps), torch.cat(masks), paths)
 
 
 def evaluate(model, test_data, batch_size: int = 16, num_workers: int = 0, progress: bool = True) -> dict[str, float]:
-    """Image AUROC (scores vs labels) and pixel AUROC (maps vs masks, every pixel) with scikit-learn."""
-    scores, labels, maps, masks = predict(model, test_data, batch_size, num_workers, progress)
-    if labels.unique().numel() < 2:
-        raise ValueError("test data needs both normal and anomalous images to compute AUROC")
-    pixel_truth = masks.flatten().numpy().astype(np.uint8)
-    return {
-        "image_auroc": float(roc_auc_score(labels.numpy(), scores.numpy())),
-        "pixel_auroc": float(roc_auc_score(pixel_truth, maps.flatten().numpy())),
-    }
+    """Image and pixel AUROC, AUPRO@0.3 (MVTec definition) and image/pixel F1-max of ``model`` on ``test_data``."""
+    from dmgrd.metrics import compute_metrics
+
+    results = predict(model, test_data, batch_size, num_workers, progress)
+    return compute_metrics(results.scores, results.labels, results.maps, results.masks)

@@ -1,16 +1,22 @@
-"""Reading images and masks into float tensors, with errors that name the file."""
+"""Reading images, masks and sample lists into float tensors and item dicts, with errors that name the file."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_RULES = (">0.5", ">0", "==1")
+SPLITS = ("train", "test")
+
+Size = int | tuple[int, int]
 
 
 def _open(path: Path) -> Image.Image:
@@ -25,14 +31,12 @@ def _open(path: Path) -> Image.Image:
 
 
 def _to_float(image: Image.Image) -> np.ndarray:
-    """H x W x C float array in [0, 1] for 8/16-bit, grayscale, RGB(A) or palette images."""
+    """H x W (x C) float array in [0, 1] for 8/16-bit, grayscale, RGB(A) or palette images."""
     array = np.asarray(image)
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    if array.dtype in (np.uint16, np.int32) or image.mode.startswith("I"):
-        return array.astype(np.float32) / 65535.0
     if array.dtype == bool:
         return array.astype(np.float32)
+    if array.dtype.kind in "ui":
+        return array.astype(np.float32) / (255.0 if array.dtype.itemsize == 1 else 65535.0)
     return array.astype(np.float32)
 
 
@@ -42,10 +46,17 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def read_image(path: str | Path, size: int | tuple[int, int] | None = None) -> torch.Tensor:
-    """RGB float32 tensor [3, H, W] in [0, 1], bilinearly resized to ``size`` if given."""
-    path = Path(path)
-    image = _open(path)
+def size_pair(size: Size) -> tuple[int, int]:
+    """``(H, W)`` from an int (square) or a pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in MASK_RULES:
+        raise ValueError(f"mask rule must be one of {MASK_RULES}, got {rule!r}")
+
+
+def _image_tensor(image: Image.Image, size: Size | None) -> torch.Tensor:
     if image.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1"):
         image = image.convert("RGB")
     array = _to_float(image)
@@ -53,27 +64,21 @@ def read_image(path: str | Path, size: int | tuple[int, int] | None = None) -> t
         array = np.repeat(array[..., None], 3, axis=2)
     x = torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1)
     if size is not None:
-        x = _resize(x, _pair(size)).clamp_(0, 1)
+        x = _resize(x, size_pair(size)).clamp_(0, 1)
     return x.contiguous()
 
 
-def read_mask(path: str | Path, size: int | tuple[int, int] | None = None, rule: str = ">0.5") -> torch.Tensor:
-    """Binary float32 mask [1, H, W] in {0, 1}: bilinear resize, then binarised by ``rule`` (SPEC §1.1).
-
-    Masks stored as {0, 1} (instead of {0, 255}) are recognised and scaled up first.
-    """
-    if rule not in MASK_RULES:
-        raise ValueError(f"mask rule must be one of {MASK_RULES}, got {rule!r}")
-    path = Path(path)
-    image = _open(path)
-    array = _to_float(image.convert("L") if image.mode not in ("L", "I", "I;16", "1") else image)
+def _mask_tensor(image: Image.Image, size: Size | None, rule: str, nonzero: bool) -> torch.Tensor:
+    array = _to_float(image if image.mode.startswith("I") or image.mode in ("L", "1") else image.convert("L"))
     if array.ndim == 3:
         array = array[..., 0]
-    if 0 < array.max() <= 1.0 / 255.0 + 1e-6:
+    if nonzero:
+        array = (array > 0).astype(np.float32)
+    elif 0 < array.max() <= 1.0 / 255.0 + 1e-6:
         array = array * 255.0
     x = torch.from_numpy(np.ascontiguousarray(array))[None]
     if size is not None:
-        x = _resize(x, _pair(size))
+        x = _resize(x, size_pair(size))
     if rule == ">0.5":
         return (x > 0.5).float()
     if rule == ">0":
@@ -81,10 +86,116 @@ def read_mask(path: str | Path, size: int | tuple[int, int] | None = None, rule:
     return (x >= 1.0).float()
 
 
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+def read_image(path: str | Path, size: Size | None = None) -> torch.Tensor:
+    """RGB float32 tensor [3, H, W] in [0, 1], bilinearly resized to ``size`` if given."""
+    return _image_tensor(_open(Path(path)), size)
+
+
+def read_mask(path: str | Path, size: Size | None = None, rule: str = ">0.5", nonzero: bool = False) -> torch.Tensor:
+    """Binary float32 mask [1, H, W] in {0, 1}: bilinear resize, then binarised by ``rule`` (SPEC §1.1).
+
+    Masks stored as {0, 1} (instead of {0, 255}) are recognised and scaled up first. With ``nonzero`` every
+    non-zero pixel counts as foreground before resizing (label masks such as VisA's raw ones).
+    """
+    _check_rule(rule)
+    return _mask_tensor(_open(Path(path)), size, rule, nonzero)
+
+
+def read_pair(
+    image_path: str | Path, mask_path: str | Path, size: Size | None = None, rule: str = ">0.5", nonzero: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``read_image`` and ``read_mask`` of an image and its mask, which must have the same size before resizing."""
+    _check_rule(rule)
+    image, mask = _open(Path(image_path)), _open(Path(mask_path))
+    if image.size != mask.size:
+        raise ValueError(
+            f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} (WxH) but its image {image_path} is "
+            f"{image.size[0]}x{image.size[1]}"
+        )
+    return _image_tensor(image, size), _mask_tensor(mask, size, rule, nonzero)
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a folder; otherwise an error saying that ``what`` is missing or not a folder."""
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{what} is not a folder: {path}")
+    raise FileNotFoundError(f"{what} not found: {path}")
 
 
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    try:
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    except OSError as exc:
+        raise OSError(f"cannot list folder {folder}: {exc}") from None
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def category_dir(root: Path, category: str, dataset: str) -> Path:
+    """``root / category``; errors name a missing root, or list the categories found when the category is missing."""
+    require_dir(root, f"{dataset} root folder")
+    folder = root / category
+    if not folder.is_dir():
+        known = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"category {category!r} not found in {root} (found: {', '.join(known)})")
+    return folder
+
+
+class MaskFinder:
+    """Masks in a folder matched to images by stem: ``<stem>.<ext>`` or ``<stem>_mask.<ext>``, any image suffix."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._by_stem: dict[str, list[Path]] = {}
+        for path in list_images(folder) if folder.is_dir() else []:
+            self._by_stem.setdefault(path.stem, []).append(path)
+
+    def __call__(self, image: Path) -> Path:
+        """The one mask of ``image``; raises naming the image if there is none or more than one."""
+        found = self._by_stem.get(image.stem, []) + self._by_stem.get(f"{image.stem}_mask", [])
+        if not found:
+            raise FileNotFoundError(
+                f"ground-truth mask missing for {image}: expected {self.folder / image.stem}_mask.png "
+                f"or {image.stem}.png (any image suffix)"
+            )
+        if len(found) > 1:
+            raise ValueError(f"several masks for {image}: {', '.join(str(p) for p in found)}")
+        return found[0]
+
+
+class Sample(NamedTuple):
+    image: Path
+    mask: Path | None  # None: all-zero mask
+    label: int
+
+
+class SampleDataset(Dataset):
+    """Items read from a list of samples: dicts with ``image`` float32 [3, H, W] in [0, 1], ``mask`` float32
+    [1, H, W] in {0, 1}, ``label`` 0 (normal) or 1, ``path``; ``(H, W)`` is ``image_size`` (an int means square).
+    """
+
+    def __init__(self, samples: Sequence[Sample], image_size: Size = 256, mask_rule: str = ">0.5",
+                 nonzero_masks: bool = False):
+        _check_rule(mask_rule)
+        self.samples = list(samples)
+        self.image_size = image_size
+        self.mask_rule = mask_rule
+        self.nonzero_masks = nonzero_masks
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, mask_path, label = self.samples[index]
+        if mask_path is None:
+            image = read_image(image_path, self.image_size)
+            mask = torch.zeros(1, *image.shape[1:])
+        else:
+            image, mask = read_pair(image_path, mask_path, self.image_size, self.mask_rule, self.nonzero_masks)
+        return {"image": image, "mask": mask, "label": label, "path": str(image_path)}

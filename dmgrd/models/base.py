@@ -14,8 +14,8 @@ from torch import nn
 
 from dmgrd import ops
 from dmgrd.losses import KD_REDUCTIONS
-from dmgrd.ops.image_score import MODES as IMAGE_SCORE_MODES
 from dmgrd.models.teacher import Teacher
+from dmgrd.ops.image_score import MODES as IMAGE_SCORE_MODES
 
 CHECKPOINT_FORMAT = "dmgrd-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -108,8 +108,9 @@ class AnomalyModel(nn.Module):
         """Loss terms of one training step; ``"loss"`` is the one optimised."""
         raise NotImplementedError
 
-    def prepare(self, train_data, generator: torch.Generator, batch_size: int = 8) -> None:
-        """Data-dependent state built before training (memory banks); nothing by default."""
+    def prepare(self, train_data, generator: torch.Generator, batch_size: int = 8, build_memory: bool = True) -> None:
+        """Data-dependent state built before training; ``build_memory=False`` skips what a distributed run
+        broadcasts from rank 0 instead (memory banks). Nothing by default."""
 
     # -- shared ---------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -147,29 +148,38 @@ class AnomalyModel(nn.Module):
 
         return fit(self, train_data, steps=steps, batch_size=batch_size, **kwargs)
 
-    def save(self, path: str | Path) -> None:
-        """Write config, weights and buffers (memory banks) to ``path`` atomically (write, then rename)."""
-        path = Path(path)
+    def save(self, path: str | Path, **extra) -> None:
+        """Write config, weights and buffers (memory banks) to ``path`` atomically (write, then rename).
+
+        ``extra`` entries (tensors, numbers, strings, lists and dicts of them) are stored beside the model,
+        e.g. the training state for resuming or a decision threshold; :func:`read_checkpoint` returns them.
+        """
         payload = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "method": self.method,
             "config": self.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            **extra,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save(payload, Path(path))
 
 
-def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> AnomalyModel:
-    """Rebuild a model saved with :meth:`AnomalyModel.save` (``torch.load(weights_only=True)``)."""
+def atomic_save(payload: dict, path: Path) -> None:
+    """``torch.save`` into a temporary file beside ``path``, then rename: an interrupted save keeps the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_payload(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict:
+    """The raw contents of a dmgrd checkpoint, with clear errors for missing, truncated or foreign files."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -179,17 +189,29 @@ def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> A
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a dmgrd checkpoint")
-    method = payload.get("method")
+    return payload
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> tuple[AnomalyModel, dict]:
+    """The model saved at ``path`` (in eval mode) and the checkpoint's other entries (``torch.load(weights_only=True)``)."""
+    payload = read_payload(path, map_location)
+    method = payload.pop("method", None)
     if method not in METHODS:
         raise ValueError(f"{path} holds an unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
     cls = METHODS[method]
-    config = dict(payload["config"])
-    config["betas"] = tuple(config["betas"])
+    saved = payload.pop("config")
+    config = {**saved, "betas": tuple(saved["betas"]), "weights": None}  # teacher weights are in the state dict
     if isinstance(config["image_size"], list):
         config["image_size"] = tuple(config["image_size"])
-    config["weights"] = None  # the teacher's weights come from the checkpoint itself
     model = cls(config=cls.config_class(**config))
-    model.load_state_dict(payload["state_dict"])
-    model.config.weights = payload["config"]["weights"]
+    model.load_state_dict(payload.pop("state_dict"))
+    model.config.weights = saved["weights"]
     model.eval()
-    return model.to(map_location) if map_location is not None else model
+    if map_location is not None:
+        model.to(map_location)
+    return model, payload
+
+
+def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> AnomalyModel:
+    """Rebuild a model saved with :meth:`AnomalyModel.save`."""
+    return read_checkpoint(path, map_location)[0]

@@ -111,14 +111,17 @@ class DMGRD(ReverseDistillation):
         return self.decode(self.fusion(guided))
 
     @torch.no_grad()
-    def prepare(self, train_data, generator, batch_size=8):
-        """Fill both memory banks: teacher pyramids of ``memory_size`` training images, and of the same
-        images with synthesised anomalies."""
+    def prepare(self, train_data, generator, batch_size=8, build_memory=True):
+        """The anomaly synthesiser, then both memory banks (unless ``build_memory`` is False, e.g. on the
+        ranks of a distributed run that receive them): teacher pyramids of ``memory_size`` training images,
+        and of the same images with synthesised anomalies."""
         count = self.config.memory_size
         if len(train_data) < count:
             raise ValueError(f"DM-GRD needs at least memory_size={count} training images, got {len(train_data)}")
         self.synthesizer = AnomalySynthesizer.from_source(self.config.textures, self.config.size, generator,
                                                           count=self.config.texture_count, blend=self.config.blend)
+        if not build_memory:
+            return
         indices = torch.randperm(len(train_data), generator=generator)[:count]
         images = torch.stack([train_data[int(i)]["image"] for i in indices]).to(self.device)
         self.check_images(images)

@@ -4,7 +4,14 @@
 the pure-torch definition every fast path is tested against.
 """
 
-from dmgrd.ops._dispatch import BackendStatus, BackendUnavailableError, backends, op_table, requested_backend, use_backend
+from dmgrd.ops._dispatch import (
+    BackendStatus,
+    BackendUnavailableError,
+    backends,
+    op_table,
+    requested_backend,
+    use_backend,
+)
 from dmgrd.ops.anomaly_map import anomaly_map, anomaly_map_reference, gaussian_blur_reference, gaussian_weights
 from dmgrd.ops.image_score import image_score, image_score_reference
 

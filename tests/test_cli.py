@@ -1,0 +1,140 @@
+"""The command line end to end on the built-in Synthetic data: train, test, predict, export, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dmgrd
+from dmgrd.cli import main
+
+COMMON = ["--dataset", "synthetic", "--category", "texture", "--device", "cpu", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", *COMMON, "--method", "rd4ad", "--backbone", "efficientnet_lite0", "--image-size", "64",
+                 "--steps", "40", "--checkpoint-every", "20", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_checkpoint_config_log_and_thresholds(trained):
+    config = json.loads((trained / "config.json").read_text())
+    assert config["method"] == "rd4ad" and config["validation_images"] > 0
+    assert config["thresholds"]["pixel"] > 0
+    rows = list(csv.DictReader((trained / "train_log.csv").open()))
+    assert len(rows) == 40 and float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    model, extra = dmgrd.models.base.read_checkpoint(trained / "model.pt")
+    assert extra["train_state"]["step"] == 40 and extra["thresholds"] == config["thresholds"]
+
+
+def test_test_command_outputs_and_the_model_learned(trained, tmp_path):
+    out = tmp_path / "test"
+    assert main(["test", *COMMON, "--checkpoint", str(trained / "model.pt"), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max"}
+    assert metrics["image_auroc"] >= 0.9, metrics
+    scores = list(csv.DictReader((out / "scores.csv").open()))
+    assert {row["label"] for row in scores} == {"0", "1"}
+    panels = sorted((out / "overlays").glob("*.png"))
+    assert len(panels) == len(scores)
+    panel = np.asarray(Image.open(panels[0]))
+    assert panel.shape[0] == 64 and panel.shape[1] == 4 * 64 + 3 * 4  # image | map | overlay | truth
+    assert Image.open(out / "roc.png").size[0] > 100
+
+
+def test_predict_writes_scores_overlays_and_masks(trained, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    data = dmgrd.data.Synthetic(split="test", category="texture", image_size=64, seed=111)
+    for i in (0, len(data) - 1):
+        array = (data[i]["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        Image.fromarray(array).save(images / f"img{i}.png")
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained / "model.pt"), str(images), "--out", str(out), "--masks",
+                 "--device", "cpu"]) == 0
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 2 and all(float(r["score"]) > 0 for r in rows)
+    for row in rows:
+        stem = Path(row["path"]).stem
+        assert (out / f"{stem}_overlay.png").is_file()
+        mask = np.asarray(Image.open(out / f"{stem}_mask.png"))
+        assert set(np.unique(mask)) <= {0, 255}
+
+
+def test_predict_bad_paths(trained, tmp_path):
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        main(["predict", "--checkpoint", str(trained / "model.pt"), str(tmp_path / "nope.png"), "--out",
+              str(tmp_path)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images in folder"):
+        main(["predict", "--checkpoint", str(trained / "model.pt"), str(tmp_path / "empty"), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="not a dmgrd checkpoint"):
+        torch.save({"x": 1}, tmp_path / "other.pt")
+        main(["predict", "--checkpoint", str(tmp_path / "other.pt"), str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_interrupted_train_resumes_to_the_same_checkpoint(trained, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    args = ["train", *COMMON, "--method", "rd4ad", "--backbone", "efficientnet_lite0", "--image-size", "64",
+            "--steps", "40", "--checkpoint-every", "20", "--out", str(out)]
+    original = dmgrd.RD4AD.training_losses
+    calls = {"n": 0}
+
+    def crash_after_25_steps(self, images, generator):
+        calls["n"] += 1
+        if calls["n"] > 25:
+            raise KeyboardInterrupt
+        return original(self, images, generator)
+
+    monkeypatch.setattr(dmgrd.RD4AD, "training_losses", crash_after_25_steps)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert dmgrd.models.base.read_payload(out / "model.pt")["train_state"]["step"] == 20
+    monkeypatch.setattr(dmgrd.RD4AD, "training_losses", original)
+    assert main([*args, "--resume"]) == 0
+    expected = dmgrd.models.base.read_payload(trained / "model.pt")
+    resumed = dmgrd.models.base.read_payload(out / "model.pt")
+    for name, value in expected["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][name]), name
+    assert resumed["thresholds"] == expected["thresholds"]
+
+
+onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+
+
+def test_export_onnx_matches_torch(trained, tmp_path):
+    path = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(trained / "model.pt"), "--format", "onnx", "--out", str(path)]) == 0
+    model = dmgrd.load(trained / "model.pt")
+    images = torch.rand(3, 3, 64, 64)  # another batch size than the export's
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    maps, scores = session.run(None, {"images": images.numpy()})
+    expected = model(images)
+    assert np.abs(maps - expected.anomaly_map.numpy()).max() < 1e-4
+    assert np.abs(scores - expected.score.numpy()).max() < 1e-4
+
+
+def test_demo_trains_a_model_that_learned(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0  # the README's first command, as is
+    printed = capsys.readouterr().out
+    assert "anomaly_map" in printed and "pixel_aupro" in printed  # backends, then the metrics
+    metrics = json.loads((tmp_path / "demo" / "test" / "metrics.json").read_text())
+    assert metrics["image_auroc"] >= 0.9, metrics
+    assert len(list((tmp_path / "demo" / "test" / "overlays").glob("*.png"))) == 100
+
+
+def test_module_entry_point_runs_info():
+    result = subprocess.run([sys.executable, "-m", "dmgrd", "info"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ})
+    assert result.returncode == 0 and "anomaly_map" in result.stdout
