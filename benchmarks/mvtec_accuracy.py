@@ -69,10 +69,11 @@ def main() -> None:
     results = [run(method, args) for method in args.methods]
     print(f"\n{args.category}, {args.backbone}, {args.image_size}px, {args.steps} steps x batch {args.batch_size}, "
           f"{args.device}")
-    print(f"{'method':<8} {'image AUROC':>11} {'pixel AUROC':>11} {'train s':>8} {'steps/s':>8} {'test img/s':>10}")
+    print(f"{'method':<8} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO@0.3':>9} {'train s':>8} {'steps/s':>8} "
+          f"{'test img/s':>10}")
     for r in results:
-        print(f"{r['method']:<8} {r['image_auroc']:>11.4f} {r['pixel_auroc']:>11.4f} {r['train_s']:>8.1f} "
-              f"{r['steps_per_s']:>8.3f} {r['test_images_per_s']:>10.2f}")
+        print(f"{r['method']:<8} {r['image_auroc']:>11.4f} {r['pixel_auroc']:>11.4f} {r['pixel_aupro']:>9.4f} "
+              f"{r['train_s']:>8.1f} {r['steps_per_s']:>8.3f} {r['test_images_per_s']:>10.2f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

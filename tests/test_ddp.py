@@ -37,7 +37,7 @@ def test_two_gloo_ranks_end_with_identical_weights(tmp_path):
 
 def test_torchrun_cli_trains_and_rank0_writes(tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "dmgrd", "train", "--dataset", "synthetic", "--method", "rd4ad", "--backbone",
                "efficientnet_lite0", "--weights", "none", "--image-size", "64", "--steps", "2", "--batch-size", "2",
                "--device", "cpu", "--out", str(out)]
