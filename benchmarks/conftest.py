@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 def backend_device_cases(op_name: str) -> list:
