@@ -64,6 +64,9 @@ def test_resume_needs_a_matching_checkpoint(tmp_path):
                         ssot_points=16)
     with pytest.raises(ValueError, match="different configuration"):
         other.fit(data, steps=2, batch_size=2, progress=False, checkpoint=tmp_path / "ck.pt", resume=True)
+    rd4ad = dmgrd.RD4AD("efficientnet_lite0", weights=None, image_size=64)
+    with pytest.raises(ValueError, match=r"ck.pt is not a rd4ad training checkpoint"):
+        rd4ad.fit(data, steps=2, batch_size=2, progress=False, checkpoint=tmp_path / "ck.pt", resume=True)
 
 
 def test_nan_images_are_rejected():
