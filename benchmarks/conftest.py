@@ -34,8 +34,10 @@ def synchronized(fn, device: str):
     return run
 
 
-def record_throughput(benchmark, images: int, bytes_moved: int) -> None:
-    """images/s and achieved GB/s from the benchmark's median time."""
+def record_throughput(benchmark, images: int, bytes_moved: int, flops: int = 0) -> None:
+    """images/s, achieved GB/s and (when ``flops`` is given) TFLOP/s from the benchmark's median time."""
     median = benchmark.stats.stats.median
     benchmark.extra_info["images_per_s"] = round(images / median, 1)
     benchmark.extra_info["GB_per_s"] = round(bytes_moved / median / 1e9, 2)
+    if flops:
+        benchmark.extra_info["TFLOP_per_s"] = round(flops / median / 1e12, 4)

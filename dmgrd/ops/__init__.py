@@ -14,6 +14,7 @@ from dmgrd.ops._dispatch import (
 )
 from dmgrd.ops.anomaly_map import anomaly_map, anomaly_map_reference, gaussian_blur_reference, gaussian_weights
 from dmgrd.ops.image_score import image_score, image_score_reference
+from dmgrd.ops.memory_readout import memory_readout, memory_readout_reference
 
 __all__ = [
     "BackendStatus",
@@ -25,6 +26,8 @@ __all__ = [
     "gaussian_weights",
     "image_score",
     "image_score_reference",
+    "memory_readout",
+    "memory_readout_reference",
     "op_table",
     "requested_backend",
     "use_backend",

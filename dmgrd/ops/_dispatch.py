@@ -2,7 +2,8 @@
 
 Every op has a pure-torch reference that defines it. For each call the backend is chosen by the inputs'
 device: CUDA tensors use the fastest available of the extension and Triton, CPU tensors the C++ kernels,
-and anything else (or inputs that need gradients) the reference. ``DMGRD_BACKEND`` or
+and anything else the reference. Inputs that need gradients go to the reference unless the op's fast
+paths implement backward (``Op.differentiable``). ``DMGRD_BACKEND`` or
 :func:`use_backend` force one backend; a forced backend that cannot run the call raises
 :class:`BackendUnavailableError` rather than silently falling back.
 """
@@ -96,6 +97,8 @@ class Op:
     triton_dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
     # Fastest first on CUDA; revisit with measurements from benchmarks/ on a GPU.
     cuda_order: tuple[str, ...] = ("ext", "triton")
+    # True when the ext and Triton implementations are differentiable (autograd with fast backward kernels).
+    differentiable: bool = False
 
     def __post_init__(self) -> None:
         OPS[self.name] = self
@@ -127,7 +130,7 @@ class Op:
                     f"{device_type} {dtype} tensors: {reason}"
                 )
             return requested
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if not self.differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return "torch"
         order = self.cuda_order if device_type == "cuda" else ("ext",)
         for backend in order:
