@@ -13,7 +13,9 @@ from dmgrd.ops._dispatch import (
     use_backend,
 )
 from dmgrd.ops.anomaly_map import anomaly_map, anomaly_map_reference, gaussian_blur_reference, gaussian_weights
+from dmgrd.ops.dual_memory_margin import dual_memory_margin, dual_memory_margin_reference
 from dmgrd.ops.image_score import image_score, image_score_reference
+from dmgrd.ops.memory_nearest import memory_nearest, memory_nearest_reference
 from dmgrd.ops.memory_readout import memory_readout, memory_readout_reference
 
 __all__ = [
@@ -22,10 +24,14 @@ __all__ = [
     "anomaly_map",
     "anomaly_map_reference",
     "backends",
+    "dual_memory_margin",
+    "dual_memory_margin_reference",
     "gaussian_blur_reference",
     "gaussian_weights",
     "image_score",
     "image_score_reference",
+    "memory_nearest",
+    "memory_nearest_reference",
     "memory_readout",
     "memory_readout_reference",
     "op_table",

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dmgrd.ops._dispatch import Op
+from dmgrd.ops.memory_nearest import check_query_bank
 
 
 def memory_readout_reference(query: torch.Tensor, bank: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -29,19 +30,7 @@ def memory_readout(query: torch.Tensor, bank: torch.Tensor, temperature: float =
     Returns:
         ``[N, D]`` read-out in the query's dtype, differentiable with respect to ``query`` and ``bank``.
     """
-    for name, t in (("query", query), ("bank", bank)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor [rows, D], got {getattr(t, 'shape', type(t).__name__)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got {t.dtype}")
-    if query.shape[1] != bank.shape[1]:
-        raise ValueError(f"query and bank must have the same feature size D, got {query.shape[1]} and {bank.shape[1]}")
-    if bank.shape[0] == 0:
-        raise ValueError("bank has no memory items")
-    if query.device != bank.device or query.dtype != bank.dtype:
-        raise ValueError(
-            f"query and bank must share device and dtype, got {query.device}/{query.dtype} and {bank.device}/{bank.dtype}"
-        )
+    check_query_bank(query, bank)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if query.shape[0] == 0:

@@ -1,0 +1,85 @@
+"""Exact k-nearest memory items for each query (squared L2 or cosine distance), ties to the lowest index."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dmgrd.ops._dispatch import Op
+
+METRICS = ("l2", "cosine")
+_CHUNK_ELEMENTS = 1 << 24  # distance-matrix entries per chunk of queries in the reference
+
+
+def pairwise_distance_reference(query: torch.Tensor, bank: torch.Tensor, metric: str) -> torch.Tensor:
+    """Full ``[N, M]`` distance matrix, accumulated in float32 (float64 for float64 inputs).
+
+    ``"l2"``: ``max(|q|^2 + |m|^2 - 2 <q, m>, 0)``; ``"cosine"``: ``1 - <q/|q|, m/|m|>`` with norms
+    clamped at 1e-12 as :func:`torch.nn.functional.normalize` does.
+    """
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q, m = query.to(acc), bank.to(acc)
+    if metric == "cosine":
+        return 1 - F.normalize(q, dim=1) @ F.normalize(m, dim=1).T
+    return (q.square().sum(1, keepdim=True) + m.square().sum(1) - 2 * q @ m.T).clamp_min(0)
+
+
+def memory_nearest_reference(query: torch.Tensor, bank: torch.Tensor, k: int = 1,
+                             metric: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch definition of :func:`memory_nearest` (no input checks); queries are done in chunks."""
+    dists, indices = [], []
+    rows = max(1, _CHUNK_ELEMENTS // max(bank.shape[0], 1))
+    for start in range(0, query.shape[0], rows):
+        d = pairwise_distance_reference(query[start:start + rows], bank, metric)
+        d, i = torch.sort(d, dim=1, stable=True)
+        dists.append(d[:, :k])
+        indices.append(i[:, :k])
+    return torch.cat(dists).to(query.dtype), torch.cat(indices)
+
+
+OP = Op("memory_nearest", reference=memory_nearest_reference)
+
+
+def check_query_bank(query: torch.Tensor, bank: torch.Tensor, bank_name: str = "bank") -> None:
+    """Raise ``ValueError`` unless ``query [N, D]`` and ``bank [M, D]`` (M >= 1) are compatible float tensors."""
+    for name, t in (("query", query), (bank_name, bank)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor [rows, D], got {getattr(t, 'shape', type(t).__name__)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if query.shape[1] != bank.shape[1]:
+        raise ValueError(f"query and {bank_name} must have the same feature size D, got {query.shape[1]} and "
+                         f"{bank.shape[1]}")
+    if bank.shape[0] == 0:
+        raise ValueError(f"{bank_name} has no memory items")
+    if query.device != bank.device or query.dtype != bank.dtype:
+        raise ValueError(f"query and {bank_name} must share device and dtype, got {query.device}/{query.dtype} "
+                         f"and {bank.device}/{bank.dtype}")
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def memory_nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1,
+                   metric: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest memory items of every query, nearest first.
+
+    Args:
+        query: ``[N, D]`` queries (images flattened, or one row per pixel).
+        bank: ``[M, D]`` memory items, same device and dtype.
+        k: neighbours per query, ``1 <= k <= M``.
+        metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"`` (1 - cosine similarity).
+
+    Returns:
+        ``(dist [N, k], index [N, k])``: distances in the query's dtype (accumulated in float32) and int64
+        item indices; equal distances are ordered by the lower index, identically in every backend.
+    """
+    check_query_bank(query, bank)
+    check_metric(metric)
+    if not 1 <= int(k) <= bank.shape[0]:
+        raise ValueError(f"k must be between 1 and the number of memory items ({bank.shape[0]}), got {k}")
+    if query.shape[0] == 0:
+        return query.new_empty((0, int(k))), torch.empty((0, int(k)), dtype=torch.long, device=query.device)
+    return OP([query, bank], query, bank, int(k), metric)
