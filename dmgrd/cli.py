@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 import dmgrd
 import dmgrd.visualize
 from dmgrd import ops
+from dmgrd.models.base import METHODS
 
-METHODS = {"dmgrd": "DMGRD", "rd4ad": "RD4AD"}
 DATASETS = {"mvtec": "MVTecAD", "visa": "VisA", "btad": "BTAD", "folder": "Folder", "synthetic": "Synthetic"}
 CHECKPOINT_NAME = "model.pt"
 
@@ -86,7 +86,7 @@ def train(args) -> int:
     checkpoint = out / CHECKPOINT_NAME
     data = make_dataset(args, "train", args.image_size)
     train_data, validation = split_validation(data, args.val_fraction, args.seed)
-    cls = getattr(dmgrd, METHODS[args.method])
+    cls = METHODS[args.method]
     options = {"textures": args.textures} if args.method == "dmgrd" and args.textures else {}
     torch.manual_seed(args.seed)
     model = cls(args.backbone, weights=args.weights, preset=args.preset, image_size=args.image_size,
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train a model on normal images")
     _data_options(p)
     _common(p)
-    p.add_argument("--method", choices=list(METHODS), default="dmgrd")
+    p.add_argument("--method", choices=sorted(METHODS), default="dmgrd")
     p.add_argument("--backbone", default="wide_resnet50_2")
     p.add_argument("--weights", default="imagenet", help='"imagenet", a .pth file, or "none"')
     p.add_argument("--preset", choices=["clean", "official"], default="clean")

@@ -111,8 +111,8 @@ def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | N
         resume: bool = False) -> list[dict[str, float]]:
     """Train ``model`` on normal images for ``steps`` optimiser steps and return the per-step losses.
 
-    Builds the model's data-dependent state first (memory banks), then runs Adam with the config's lr and
-    betas under a warm-up + cosine schedule, with bf16 autocast on CUDA. Every random draw of step ``s``
+    Builds the model's data-dependent state first (memory banks), then runs Adam over the model's
+    :meth:`~dmgrd.models.base.AnomalyModel.optimizer_groups` with the config's lr and betas under a warm-up + cosine schedule, with bf16 autocast on CUDA. Every random draw of step ``s``
     (batch, synthesis) comes from a generator seeded by ``(seed, s)`` (default seed: the config's), so runs
     are reproducible. With ``checkpoint`` the model and its training state are saved there atomically
     every ``checkpoint_every`` steps and at the end; ``resume=True`` continues from that file to the same
@@ -134,7 +134,7 @@ def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | N
     model.train()
     model.prepare(train_data, seeded_generator(seed, "prepare"), batch_size, build_memory=rank == 0)
     training_step = _distributed_step(model, device) if world > 1 else model.training_losses
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.lr, betas=tuple(config.betas))
+    optimizer = torch.optim.Adam(model.optimizer_groups(), lr=config.lr, betas=tuple(config.betas))
     start, history = 0, []
     if resume:
         if checkpoint is None or not checkpoint.is_file():
@@ -149,8 +149,9 @@ def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | N
         images = batch["image"].to(device, non_blocking=True)
         if not torch.isfinite(images).all():
             raise ValueError(f"training batch at step {step} contains NaN or infinite pixel values")
+        scheduled = warmup_cosine(step, steps, warmup, config.lr, config.min_lr)
         for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(step, steps, warmup, config.lr, config.min_lr)
+            group["lr"] = scheduled * group.get("lr_scale", 1.0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = training_step(images, seeded_generator(seed, "step", step, *([rank] if rank else [])))
         optimizer.zero_grad(set_to_none=True)

@@ -116,6 +116,11 @@ class AnomalyModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Adam parameter groups; ``lr_scale`` multiplies the scheduled lr of its group (other keys, such as
+        ``weight_decay``, are Adam's). One group of every trainable parameter by default."""
+        return [{"params": self.trainable_parameters(), "lr_scale": 1.0}]
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
