@@ -6,14 +6,16 @@
 
 from dmgrd import data, metrics, ops
 from dmgrd.engine import evaluate, fit
-from dmgrd.models import DMGRD, RD4AD, DMGRDConfig, Prediction, RD4ADConfig, load
+from dmgrd.models import DMGRD, DRD, RD4AD, DMGRDConfig, DRDConfig, Prediction, RD4ADConfig, load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DMGRD",
+    "DRD",
     "RD4AD",
     "DMGRDConfig",
+    "DRDConfig",
     "Prediction",
     "RD4ADConfig",
     "__version__",

@@ -23,7 +23,8 @@ class ScoringGraph(nn.Module):
         teacher = self.model.teacher.body((images - self.model.teacher.mean) / self.model.teacher.std)
         student = self.model.student_features(list(teacher))
         maps = ops.anomaly_map_reference(teacher, student, config.size, "sum", config.sigma)
-        return maps, ops.image_score_reference(maps[:, 0], config.image_score, config.topk)
+        with ops.use_backend("torch"):
+            return maps, self.model.image_scores(maps, list(teacher), student)
 
 
 def export_onnx(model, path: str | Path, opset: int = 17, batch_size: int = 2) -> float | None:

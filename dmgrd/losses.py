@@ -1,4 +1,4 @@
-"""Losses of the reverse-distillation family (SPEC §1.5, §3.4, §4.5)."""
+"""Losses of the reverse-distillation family (SPEC §1.5, §3.4, §4.5, §7.5)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,50 @@ import torch
 import torch.nn.functional as F
 
 KD_REDUCTIONS = ("flatten", "pixel")
+COS_CHAN_MODES = ("channel", "flatten")
 SSOT_MODES = ("sinkhorn", "legacy", "off")
+
+
+def _cosine_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], layout: str) -> torch.Tensor:
+    """Σ_l mean [1 - cos] in float32, the cosine over C·H·W per image (``"flatten"``), over C per pixel
+    (``"pixel"``) or over H·W per channel of each image (``"channel"``)."""
+    dim = 2 if layout == "channel" else 1  # the cosine runs over this dim, after flattening from it (not "pixel")
+    total = 0.0
+    for t, s in zip(teacher, student):
+        t, s = t.float(), s.float()
+        if layout != "pixel":
+            t, s = t.flatten(dim), s.flatten(dim)
+        total = total + (1 - F.cosine_similarity(t, s, dim=dim)).mean()
+    return total
 
 
 def kd_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], reduction: str = "flatten") -> torch.Tensor:
     """Σ_l mean_b [1 - cos]: over the flattened C·H·W vector of each image (``"flatten"``, the official code)
-    or per pixel over channels and averaged (``"pixel"``, the RD4AD paper). Computed in float32."""
+    or per pixel over channels and averaged (``"pixel"``, the RD4AD paper; DRD's ``cos_pixel``).
+    Computed in float32."""
     if reduction not in KD_REDUCTIONS:
         raise ValueError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
-    total = 0.0
-    for t, s in zip(teacher, student):
-        t, s = t.float(), s.float()
-        if reduction == "flatten":
-            t, s = t.flatten(1), s.flatten(1)
-        total = total + (1 - F.cosine_similarity(t, s, dim=1)).mean()
-    return total
+    return _cosine_loss(teacher, student, reduction)
+
+
+def cos_chan(teacher: list[torch.Tensor], student: list[torch.Tensor], mode: str = "channel") -> torch.Tensor:
+    """DRD's "individual image" term (SPEC §7.5), Σ_l over the levels, in float32.
+
+    ``"channel"``: mean_{b,c} [1 - cos over H·W of channel c of image b], what the official code computes (it
+    passes each level as one tensor to RD4AD's per-image loss, whose loop then runs over the images and
+    reshapes each to C x HW). ``"flatten"``: mean_b [1 - cos over C·H·W], the per-image cosine that loss
+    computes when given a list of levels (equal to ``kd_loss(..., "flatten")``).
+    """
+    if mode not in COS_CHAN_MODES:
+        raise ValueError(f"cos_chan mode must be one of {COS_CHAN_MODES}, got {mode!r}")
+    return _cosine_loss(teacher, student, mode)
+
+
+def seg_l1(anomaly_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean |A - M| in float32: DRD's segmentation term between a training anomaly map and its target mask."""
+    if anomaly_map.shape != target.shape:
+        raise ValueError(f"anomaly_map {tuple(anomaly_map.shape)} and target {tuple(target.shape)} must match")
+    return (anomaly_map.float() - target.float()).abs().mean()
 
 
 def contrast_loss(abnormal: list[torch.Tensor], normal: list[torch.Tensor], margin: float = 0.5) -> torch.Tensor:

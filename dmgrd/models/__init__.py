@@ -2,16 +2,19 @@
 
 from dmgrd.models.base import METHODS, AnomalyModel, ModelConfig, Prediction, load
 from dmgrd.models.dmgrd import DMGRD, DMGRDConfig
+from dmgrd.models.drd import DRD, DRDConfig
 from dmgrd.models.rd4ad import RD4AD, RD4ADConfig
 from dmgrd.models.teacher import BACKBONES, Teacher, WeightsUnavailableError
 
 __all__ = [
     "BACKBONES",
     "DMGRD",
+    "DRD",
     "METHODS",
     "RD4AD",
     "AnomalyModel",
     "DMGRDConfig",
+    "DRDConfig",
     "ModelConfig",
     "Prediction",
     "RD4ADConfig",

@@ -145,7 +145,13 @@ class AnomalyModel(nn.Module):
         teacher_feats = self.teacher(images)
         student_feats = self.student_features(teacher_feats)
         maps = ops.anomaly_map(teacher_feats, student_feats, self.config.size, reduce="sum", sigma=self.config.sigma)
-        return Prediction(maps, ops.image_score(maps, self.config.image_score, self.config.topk))
+        return Prediction(maps, self.image_scores(maps, teacher_feats, student_feats))
+
+    def image_scores(self, maps: torch.Tensor, teacher_feats: list[torch.Tensor],
+                     student_feats: list[torch.Tensor]) -> torch.Tensor:
+        """Scores ``[B]`` of the blurred maps ``[B, 1, H, W]`` computed from these pyramids: the config's
+        ``image_score`` over the map; methods with their own rule override this."""
+        return ops.image_score(maps, self.config.image_score, self.config.topk)
 
     def fit(self, train_data, steps: int = 1000, batch_size: int = 8, **kwargs) -> list[dict[str, float]]:
         """Train on a data set of normal images (items with ``"image"``); see :func:`dmgrd.engine.fit`."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from torch import nn
 
 from dmgrd.losses import kd_loss
 from dmgrd.models.base import AnomalyModel, ModelConfig
@@ -18,14 +20,17 @@ class RD4ADConfig(ModelConfig):
 
 
 class ReverseDistillation(AnomalyModel):
-    """Teacher plus the OCBE bottleneck and the student decoder, shaped from the teacher's channels."""
+    """Teacher plus a bottleneck (``bottleneck_class``, OCBE by default) and the student decoder, shaped from
+    the teacher's channels."""
+
+    bottleneck_class: ClassVar[type[nn.Module]] = OCBE
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         spec = self.teacher.decoder_spec
         channels = self.teacher.channels
         embed_blocks = 3 if spec.block == "bottleneck" else 2
-        self.bottleneck = OCBE(channels, spec.block, embed_blocks, spec.width_multiplier)
+        self.bottleneck = self.bottleneck_class(channels, spec.block, embed_blocks, spec.width_multiplier)
         self.decoder = StudentDecoder(self.bottleneck.out_channels, channels, spec.block, tuple(spec.blocks),
                                       spec.width_multiplier)
 
