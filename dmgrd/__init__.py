@@ -6,7 +6,7 @@
 
 from dmgrd import data, metrics, ops
 from dmgrd.engine import evaluate, fit
-from dmgrd.models import DMGRD, RD4AD, DMGRDConfig, Prediction, RD4ADConfig, load
+from dmgrd.models import DMGRD, RD4AD, DMGRDConfig, MemKD, MemKDConfig, Prediction, RD4ADConfig, load
 
 __version__ = "0.1.0"
 
@@ -14,6 +14,8 @@ __all__ = [
     "DMGRD",
     "RD4AD",
     "DMGRDConfig",
+    "MemKD",
+    "MemKDConfig",
     "Prediction",
     "RD4ADConfig",
     "__version__",

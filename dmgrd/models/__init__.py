@@ -2,6 +2,8 @@
 
 from dmgrd.models.base import METHODS, AnomalyModel, ModelConfig, Prediction, load
 from dmgrd.models.dmgrd import DMGRD, DMGRDConfig
+from dmgrd.models.memkd import MemKD, MemKDConfig
+from dmgrd.models.nr_memory import NRMemory
 from dmgrd.models.rd4ad import RD4AD, RD4ADConfig
 from dmgrd.models.teacher import BACKBONES, Teacher, WeightsUnavailableError
 
@@ -12,7 +14,10 @@ __all__ = [
     "RD4AD",
     "AnomalyModel",
     "DMGRDConfig",
+    "MemKD",
+    "MemKDConfig",
     "ModelConfig",
+    "NRMemory",
     "Prediction",
     "RD4ADConfig",
     "Teacher",
