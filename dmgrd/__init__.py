@@ -6,7 +6,7 @@
 
 from dmgrd import data, metrics, ops
 from dmgrd.engine import evaluate, fit
-from dmgrd.models import DMGRD, DRD, RD4AD, DMGRDConfig, DRDConfig, Prediction, RD4ADConfig, load
+from dmgrd.models import DMGRD, DRD, RD4AD, DMGRDConfig, DRDConfig, MemKD, MemKDConfig, Prediction, RD4ADConfig, load
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,8 @@ __all__ = [
     "RD4AD",
     "DMGRDConfig",
     "DRDConfig",
+    "MemKD",
+    "MemKDConfig",
     "Prediction",
     "RD4ADConfig",
     "__version__",

@@ -3,6 +3,8 @@
 from dmgrd.models.base import METHODS, AnomalyModel, ModelConfig, Prediction, load
 from dmgrd.models.dmgrd import DMGRD, DMGRDConfig
 from dmgrd.models.drd import DRD, DRDConfig
+from dmgrd.models.memkd import MemKD, MemKDConfig
+from dmgrd.models.nr_memory import NRMemory
 from dmgrd.models.rd4ad import RD4AD, RD4ADConfig
 from dmgrd.models.teacher import BACKBONES, Teacher, WeightsUnavailableError
 
@@ -15,7 +17,10 @@ __all__ = [
     "AnomalyModel",
     "DMGRDConfig",
     "DRDConfig",
+    "MemKD",
+    "MemKDConfig",
     "ModelConfig",
+    "NRMemory",
     "Prediction",
     "RD4ADConfig",
     "Teacher",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import nn
 
@@ -22,7 +24,16 @@ class StudentDecoder(nn.Module):
         self.stage2 = decoder_stage(block, c3, c2, blocks[1], width_mult)
         self.stage1 = decoder_stage(block, c2, c1, blocks[2], width_mult)
 
-    def forward(self, code: torch.Tensor) -> list[torch.Tensor]:
-        s3 = self.stage3(code)
-        s2 = self.stage2(s3)
-        return [self.stage1(s2), s2, s3]
+    def forward(self, code: torch.Tensor,
+                after_stage: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None) -> list[torch.Tensor]:
+        """[S1, S2, S3] from the bottleneck code. ``after_stage`` (one callable per level, finest first like the
+        output) transforms each stage's output before it is returned and fed to the next stage (MemKD's
+        normality-recall memories); None leaves the stages as they are."""
+        f1, f2, f3 = after_stage if after_stage is not None else (_identity,) * 3
+        s3 = f3(self.stage3(code))
+        s2 = f2(self.stage2(s3))
+        return [f1(self.stage1(s2)), s2, s3]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
