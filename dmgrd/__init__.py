@@ -6,16 +6,18 @@
 
 from dmgrd import data, metrics, ops
 from dmgrd.engine import evaluate, fit
-from dmgrd.models import DMGRD, RD4AD, DMGRDConfig, Prediction, RD4ADConfig, load
+from dmgrd.models import DMGRD, RD4AD, RDPP, DMGRDConfig, Prediction, RD4ADConfig, RDPPConfig, load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DMGRD",
     "RD4AD",
+    "RDPP",
     "DMGRDConfig",
     "Prediction",
     "RD4ADConfig",
+    "RDPPConfig",
     "__version__",
     "data",
     "evaluate",

@@ -3,6 +3,7 @@
 from dmgrd.models.base import METHODS, AnomalyModel, ModelConfig, Prediction, load
 from dmgrd.models.dmgrd import DMGRD, DMGRDConfig
 from dmgrd.models.rd4ad import RD4AD, RD4ADConfig
+from dmgrd.models.rdpp import RDPP, RDPPConfig
 from dmgrd.models.teacher import BACKBONES, Teacher, WeightsUnavailableError
 
 __all__ = [
@@ -10,11 +11,13 @@ __all__ = [
     "DMGRD",
     "METHODS",
     "RD4AD",
+    "RDPP",
     "AnomalyModel",
     "DMGRDConfig",
     "ModelConfig",
     "Prediction",
     "RD4ADConfig",
+    "RDPPConfig",
     "Teacher",
     "WeightsUnavailableError",
     "load",
