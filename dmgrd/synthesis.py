@@ -316,29 +316,31 @@ def simplex_noise3(points: torch.Tensor, permutation: torch.Tensor) -> torch.Ten
     order of operations: its kernel radius² 0.6 makes the noise jump slightly across simplex faces, so points on
     a face (e.g. integer coordinates) depend on how the rounding picks the simplex.
     """
-    batch, count = points.shape[:2]
+    batch = points.shape[0]
     table = permutation.to(points.device).long().expand(batch, SIMPLEX_PERIOD).repeat(1, 2)  # no wrap-around
 
     def lookup(index: torch.Tensor) -> torch.Tensor:
         return torch.gather(table, 1, index)
 
-    cell = (points + points.sum(-1, keepdim=True) * _SKEW3).floor()
-    origin = points - (cell - cell.sum(-1, keepdim=True) * _UNSKEW3)  # position in the cell, unskewed
-    x, y, z = origin.unbind(-1)
+    coords = points.unbind(-1)  # per-component [B, N] tensors: reductions over a size-3 last dim are slow
+    skew = sum(coords) * _SKEW3
+    cell = [(c + skew).floor() for c in coords]
+    unskew = sum(cell) * _UNSKEW3
+    x, y, z = origin = [c - (i - unskew) for c, i in zip(coords, cell)]  # position in the cell, unskewed
     x_ge_y, y_ge_z, x_ge_z = x >= y, y >= z, x >= z
     x_first, y_first = x_ge_y & x_ge_z, ~x_ge_y & y_ge_z
-    largest = torch.stack((x_first, y_first, ~(x_first | y_first)), -1)
-    two_largest = torch.stack((x_ge_y | x_ge_z, ~x_ge_y | y_ge_z, ~(y_ge_z & x_ge_z)), -1)
-    lattice = cell.long() % SIMPLEX_PERIOD
+    largest = (x_first, y_first, ~(x_first | y_first))
+    two_largest = (x_ge_y | x_ge_z, ~x_ge_y | y_ge_z, ~(y_ge_z & x_ge_z))
+    lattice = [i.long() % SIMPLEX_PERIOD for i in cell]
     gradients = torch.tensor(_SIMPLEX_GRADIENTS, dtype=points.dtype, device=points.device)
-    corners = (torch.zeros_like(lattice), largest.long(), two_largest.long(), torch.ones_like(lattice))
-    total = torch.zeros(batch, count, dtype=points.dtype, device=points.device)
-    for n, corner in enumerate(corners):
-        offset = origin - corner + n * _UNSKEW3
-        i, j, k = (lattice + corner).unbind(-1)
-        gradient = gradients[lookup(i + lookup(j + lookup(k))) % len(_SIMPLEX_GRADIENTS)]
-        falloff = (0.6 - offset.square().sum(-1)).clamp_min(0)
-        total = total + falloff**4 * (gradient * offset).sum(-1)
+    total = torch.zeros_like(x)
+    for n, corner in enumerate(((0, 0, 0), largest, two_largest, (1, 1, 1))):
+        corner = [torch.as_tensor(c, device=points.device).long() for c in corner]
+        offset = [o - c + n * _UNSKEW3 for o, c in zip(origin, corner)]
+        i, j, k = (l + c for l, c in zip(lattice, corner))
+        gradient = gradients[lookup(i + lookup(j + lookup(k))) % len(_SIMPLEX_GRADIENTS)].unbind(-1)
+        falloff = (0.6 - offset[0] * offset[0] - offset[1] * offset[1] - offset[2] * offset[2]).clamp_min(0)
+        total = total + falloff**4 * (gradient[0] * offset[0] + gradient[1] * offset[1] + gradient[2] * offset[2])
     return 32 * total
 
 

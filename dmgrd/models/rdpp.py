@@ -30,13 +30,15 @@ class RDPPConfig(ModelConfig):
     """RD++ settings. The loss is ``L_KD + projection_weight * (L_ssot + recon_weight * L_recon + contrast_weight
     * L_con) / (1 + recon_weight + contrast_weight)`` (officially 0.2, 0.01, 0.1: the code's ``/ 1.11``), with
     L_con comparing the *unprojected* noisy teacher feature with the projected clean one (as the code does; the
-    projected noisy one would fight L_recon). Projections train at ``projection_lr``, OCBE and decoder at ``lr``.
+    projected noisy one would fight L_recon) as ``mean_b max(0, cos - contrast_margin)`` (CosineEmbeddingLoss,
+    target -1, margin 0.5 per SPEC §3.4; versions of the authors' code have margin -0.5 or target +1).
+    Projections train at ``projection_lr``, OCBE and decoder at ``lr``.
     Noise rectangles have sides U{10..31} pixels (at most ``min(H, W) - 2`` for small images).
 
     ``official`` preset (the authors' code): ``ssot="legacy"`` (one batch-level OT problem between a batch and
     its own permutation: numerically zero, no gradient), ``noise_field="fixed"`` (one simplex field for the
     whole run, so every noise patch is a crop of the same pattern), and a constant learning rate (no warm-up,
-    ``min_lr = lr``; no scheduler in the code).
+    ``min_lr = lr = 5e-3``, so override both to change it; no scheduler in the code).
 
     ``clean`` preset: ``ssot="sinkhorn"`` (one OT problem per sample between its L2-normalised projected pixels,
     up to ``ssot_points`` of them, and another sample's; SPEC §3.4), a fresh noise field per image, and the
