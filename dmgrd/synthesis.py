@@ -387,6 +387,9 @@ def simplex_patch(
     if not 1 <= low <= high or high > min(height, width) - 2:
         raise ValueError(f"size_range must satisfy 1 <= low <= high <= min(H, W) - 2 = {min(height, width) - 2}, "
                          f"got {size_range}")
+    if permutation is not None and tuple(permutation.shape) not in ((SIMPLEX_PERIOD,), (batch, SIMPLEX_PERIOD)):
+        raise ValueError(f"permutation must be [{SIMPLEX_PERIOD}] or [{batch}, {SIMPLEX_PERIOD}], "
+                         f"got {tuple(permutation.shape)}")
     device, dtype = images.device, torch.promote_types(images.dtype, torch.float32)
     sizes = torch.randint(low, high + 1, (batch, 2), generator=generator, device=generator.device)
     room = torch.tensor([height, width], device=generator.device) - sizes - 1  # corners 1 .. dim - size - 1
@@ -398,7 +401,7 @@ def simplex_patch(
     rows = torch.arange(height, device=device) - corners[:, :1]  # [B, H] position inside the rectangle
     cols = torch.arange(width, device=device) - corners[:, 1:]
     inside = (((rows >= 0) & (rows < sizes[:, :1]))[:, :, None] & ((cols >= 0) & (cols < sizes[:, 1:]))[:, None, :])
-    tile_index = torch.arange(batch, device=device) % tiles.shape[0]
+    tile_index = torch.arange(batch, device=device) % tiles.shape[0]  # one shared tile or one per image
     patch = tiles[tile_index[:, None, None], :, rows.clamp(0, high - 1)[:, :, None], cols.clamp(0, high - 1)[:, None]]
     mask = inside[:, None].to(dtype)
     noisy = images.to(dtype) + strength * patch.permute(0, 3, 1, 2) * mask

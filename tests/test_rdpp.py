@@ -105,6 +105,8 @@ def test_simplex_patch_rejects_sizes_that_do_not_fit():
         S.simplex_patch(images, torch.Generator(), size_range=(10, 31))
     with pytest.raises(ValueError, match="size_range"):
         S.simplex_patch(images, torch.Generator(), size_range=(12, 10))
+    with pytest.raises(ValueError, match="permutation must be"):
+        S.simplex_patch(images.expand(3, -1, -1, -1), torch.Generator(), torch.zeros(2, 256), (10, 30))
     _, mask = S.simplex_patch(images, torch.Generator(), size_range=(10, 30))
     assert 100 <= mask.sum() <= 900
 
