@@ -6,7 +6,20 @@
 
 from dmgrd import data, metrics, ops
 from dmgrd.engine import evaluate, fit
-from dmgrd.models import DMGRD, DRD, RD4AD, DMGRDConfig, DRDConfig, MemKD, MemKDConfig, Prediction, RD4ADConfig, load
+from dmgrd.models import (
+    DMGRD,
+    DRD,
+    RD4AD,
+    RDPP,
+    DMGRDConfig,
+    DRDConfig,
+    MemKD,
+    MemKDConfig,
+    Prediction,
+    RD4ADConfig,
+    RDPPConfig,
+    load,
+)
 
 __version__ = "0.1.0"
 
@@ -14,12 +27,14 @@ __all__ = [
     "DMGRD",
     "DRD",
     "RD4AD",
+    "RDPP",
     "DMGRDConfig",
     "DRDConfig",
     "MemKD",
     "MemKDConfig",
     "Prediction",
     "RD4ADConfig",
+    "RDPPConfig",
     "__version__",
     "data",
     "evaluate",

@@ -112,7 +112,8 @@ def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | N
     """Train ``model`` on normal images for ``steps`` optimiser steps and return the per-step losses.
 
     Builds the model's data-dependent state first (memory banks), then runs Adam over the model's
-    :meth:`~dmgrd.models.base.AnomalyModel.optimizer_groups` with the config's lr and betas under a warm-up + cosine schedule, with bf16 autocast on CUDA. Every random draw of step ``s``
+    :meth:`~dmgrd.models.base.AnomalyModel.optimizer_groups` with the config's lr and betas under a
+    warm-up + cosine schedule, with bf16 autocast on CUDA. Every random draw of step ``s``
     (batch, synthesis) comes from a generator seeded by ``(seed, s)`` (default seed: the config's), so runs
     are reproducible. With ``checkpoint`` the model and its training state are saved there atomically
     every ``checkpoint_every`` steps and at the end; ``resume=True`` continues from that file to the same

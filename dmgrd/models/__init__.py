@@ -6,6 +6,7 @@ from dmgrd.models.drd import DRD, DRDConfig
 from dmgrd.models.memkd import MemKD, MemKDConfig
 from dmgrd.models.nr_memory import NRMemory
 from dmgrd.models.rd4ad import RD4AD, RD4ADConfig
+from dmgrd.models.rdpp import RDPP, RDPPConfig
 from dmgrd.models.teacher import BACKBONES, Teacher, WeightsUnavailableError
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "DRD",
     "METHODS",
     "RD4AD",
+    "RDPP",
     "AnomalyModel",
     "DMGRDConfig",
     "DRDConfig",
@@ -23,6 +25,7 @@ __all__ = [
     "NRMemory",
     "Prediction",
     "RD4ADConfig",
+    "RDPPConfig",
     "Teacher",
     "WeightsUnavailableError",
     "load",

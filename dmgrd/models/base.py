@@ -204,7 +204,9 @@ def read_payload(path: str | Path, map_location: str | torch.device | None = "cp
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> tuple[AnomalyModel, dict]:
-    """The model saved at ``path`` (in eval mode) and the checkpoint's other entries (``torch.load(weights_only=True)``)."""
+    """The model saved at ``path`` (in eval mode) and the checkpoint's other entries.
+
+    Read with ``torch.load(weights_only=True)``."""
     payload = read_payload(path, map_location)
     method = payload.pop("method", None)
     if method not in METHODS:
