@@ -113,10 +113,11 @@ def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | N
 
     Builds the model's data-dependent state first (memory banks), then runs Adam over the model's
     :meth:`~dmgrd.models.base.AnomalyModel.optimizer_groups` with the config's lr and betas under a
-    warm-up + cosine schedule, with bf16 autocast on CUDA. Every random draw of step ``s``
-    (batch, synthesis) comes from a generator seeded by ``(seed, s)`` (default seed: the config's), so runs
-    are reproducible. With ``checkpoint`` the model and its training state are saved there atomically
-    every ``checkpoint_every`` steps and at the end; ``resume=True`` continues from that file to the same
+    warm-up + cosine schedule (or a constant lr, ``config.schedule``), with bf16 autocast on CUDA.
+    Every random draw of step ``s`` (batch, synthesis) comes from a generator seeded by ``(seed, s)``
+    (default seed: the config's), so runs are reproducible. With ``checkpoint`` the model and its
+    training state are saved there atomically every ``checkpoint_every`` steps and at the end;
+    ``resume=True`` continues from that file to the same
     result as an uninterrupted run. The model ends in eval mode.
 
     Inside an initialised process group (``torchrun``) the step runs under DistributedDataParallel: rank 0
@@ -150,7 +151,8 @@ def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | N
         images = batch["image"].to(device, non_blocking=True)
         if not torch.isfinite(images).all():
             raise ValueError(f"training batch at step {step} contains NaN or infinite pixel values")
-        scheduled = warmup_cosine(step, steps, warmup, config.lr, config.min_lr)
+        scheduled = (config.lr if config.schedule == "constant"
+                     else warmup_cosine(step, steps, warmup, config.lr, config.min_lr))
         for group in optimizer.param_groups:
             group["lr"] = scheduled * group.get("lr_scale", 1.0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

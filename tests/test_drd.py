@@ -182,8 +182,8 @@ def test_presets_differ_exactly_in_the_documented_behaviours():
     clean = dmgrd.DRDConfig.from_preset("clean")
     official = dmgrd.DRDConfig.from_preset("official")
     differing = {k for k, v in clean.to_dict().items() if official.to_dict()[k] != v}
-    assert differing == {"preset", "seg_target", "individual", "patch_draw", "min_lr", "warmup_fraction"}
-    assert official.min_lr == official.lr and official.warmup_fraction == 0  # constant learning rate
+    assert differing == {"preset", "seg_target", "individual", "patch_draw", "schedule"}
+    assert official.schedule == "constant"
     for config in (clean, official):
         assert (config.image_score, config.kd_reduction, config.mask) == ("drd_refined", "pixel", "soft")
     assert tiny_drd().optimizer_groups()[0]["weight_decay"] == 1e-5

@@ -262,3 +262,10 @@ def test_rd4ad_learns_on_real_bottle_data():
     model.fit(train, steps=15, batch_size=8, progress=False)
     metrics = dmgrd.evaluate(model, test, batch_size=32, progress=False)
     assert metrics["image_auroc"] > 0.9 and metrics["pixel_auroc"] > 0.85, metrics
+
+
+def test_rd4ad_official_preset_keeps_the_learning_rate_constant():
+    clean = dmgrd.RD4ADConfig.from_preset("clean").to_dict()
+    official = dmgrd.RD4ADConfig.from_preset("official").to_dict()
+    assert {k for k, v in clean.items() if official[k] != v} == {"preset", "schedule"}
+    assert official["schedule"] == "constant" and clean["schedule"] == "warmup_cosine"

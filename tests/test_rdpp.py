@@ -175,8 +175,7 @@ def test_fixed_noise_field_needs_prepare():
 def test_presets_differ_exactly_in_the_documented_behaviours():
     clean = dmgrd.RDPPConfig.from_preset("clean").to_dict()
     official = dmgrd.RDPPConfig.from_preset("official").to_dict()
-    assert {k for k, v in clean.items() if official[k] != v} == {"preset", "ssot", "noise_field", "warmup_fraction",
-                                                                 "min_lr"}
+    assert {k for k, v in clean.items() if official[k] != v} == {"preset", "ssot", "noise_field", "schedule"}
     assert clean["image_score"] == official["image_score"] == "max"
     with pytest.raises(ValueError, match="noise_field must be one of"):
         make_rdpp(noise_field="random")

@@ -17,6 +17,10 @@ from dmgrd.losses import KD_REDUCTIONS
 from dmgrd.models.teacher import Teacher
 from dmgrd.ops.image_score import MODES as IMAGE_SCORE_MODES
 
+# "warmup_cosine": linear warm-up to lr, cosine down to min_lr (DM-GRD); "constant": lr throughout (RD4AD,
+# RD++ and DRD code have no scheduler).
+SCHEDULES = ("warmup_cosine", "constant")
+
 CHECKPOINT_FORMAT = "dmgrd-checkpoint"
 CHECKPOINT_VERSION = 1
 METHODS: dict[str, type[AnomalyModel]] = {}
@@ -46,10 +50,12 @@ class ModelConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     min_lr: float = 1e-4
     warmup_fraction: float = 0.1
+    schedule: str = "warmup_cosine"
     seed: int = 111
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"clean": {}, "official": {}}
-    CHOICES: ClassVar[dict[str, tuple]] = {"kd_reduction": KD_REDUCTIONS, "image_score": IMAGE_SCORE_MODES}
+    CHOICES: ClassVar[dict[str, tuple]] = {"kd_reduction": KD_REDUCTIONS, "image_score": IMAGE_SCORE_MODES,
+                                           "schedule": SCHEDULES}
 
     def __post_init__(self):
         for name, allowed in self.CHOICES.items():

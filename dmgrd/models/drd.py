@@ -45,8 +45,7 @@ class DRDConfig(ModelConfig):
     ``official`` preset (the authors' code): ``seg_target="noisy"`` (the feature noise is added in place, so
     the noisy pyramid is also the teacher side of the L_Seg map), ``individual="channel"`` (per-channel spatial
     cosines, what their per-image loss computes on a tensor), ``patch_draw="batch"`` (one patch size per
-    batch), and a constant learning rate (``min_lr=lr``, no warm-up; no scheduler in their training loop:
-    change ``min_lr`` with ``lr``).
+    batch), and a constant learning rate (``schedule="constant"``: their training loop has no scheduler).
 
     ``clean`` preset: ``seg_target="clean"`` (the map compares the restoring branch with the teacher pyramid
     of the pseudo-anomalous image itself), ``individual="flatten"`` (the per-image cosine over C·H·W that the
@@ -80,8 +79,7 @@ class DRDConfig(ModelConfig):
             "individual": "channel",
             "seg_target": "noisy",
             "patch_draw": "batch",
-            "min_lr": 5e-3,
-            "warmup_fraction": 0.0,
+            "schedule": "constant",
         },
     }
 

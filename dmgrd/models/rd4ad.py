@@ -16,7 +16,10 @@ from dmgrd.models.decoder import StudentDecoder
 
 @dataclass
 class RD4ADConfig(ModelConfig):
-    """RD4AD settings. ``official``: flattened KD loss and max score, as the authors' code (SPEC §1)."""
+    """RD4AD settings. ``official``: flattened KD loss, max score and a constant learning rate, as the authors'
+    code (SPEC §1); ``clean`` adds the warm-up + cosine schedule."""
+
+    PRESETS: ClassVar[dict] = {"clean": {}, "official": {"schedule": "constant"}}
 
 
 class ReverseDistillation(AnomalyModel):

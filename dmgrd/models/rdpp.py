@@ -37,8 +37,8 @@ class RDPPConfig(ModelConfig):
 
     ``official`` preset (the authors' code): ``ssot="legacy"`` (one batch-level OT problem between a batch and
     its own permutation: numerically zero, no gradient), ``noise_field="fixed"`` (one simplex field for the
-    whole run, so every noise patch is a crop of the same pattern), and a constant learning rate (no warm-up,
-    ``min_lr = lr = 5e-3``, so override both to change it; no scheduler in the code).
+    whole run, so every noise patch is a crop of the same pattern), and a constant learning rate
+    (``schedule="constant"``: no scheduler in the code).
 
     ``clean`` preset: ``ssot="sinkhorn"`` (one OT problem per sample between its L2-normalised projected pixels,
     up to ``ssot_points`` of them, and another sample's; SPEC §3.4), a fresh noise field per image, and the
@@ -60,7 +60,7 @@ class RDPPConfig(ModelConfig):
 
     PRESETS: ClassVar[dict] = {
         "clean": {},
-        "official": {"ssot": "legacy", "noise_field": "fixed", "warmup_fraction": 0.0, "min_lr": 5e-3},
+        "official": {"ssot": "legacy", "noise_field": "fixed", "schedule": "constant"},
     }
 
     CHOICES: ClassVar[dict] = {**ModelConfig.CHOICES, "ssot": SSOT_MODES, "noise_field": NOISE_FIELDS}
