@@ -178,7 +178,7 @@ def test_covering_radius_never_grows_and_reaches_zero(gen):
     order = ops.greedy_coreset(points, 40, start=3).tolist()
     assert sorted(order) == list(range(40)) and order[0] == 3
     radii = [covering_radius(points, order[:k]) for k in range(1, 41)]
-    assert all(b <= a for a, b in zip(radii, radii[1:])) and radii[-1] == 0
+    assert all(b <= a for a, b in itertools.pairwise(radii)) and radii[-1] == 0
     assert ops.greedy_coreset(points, 10, start=3).tolist() == order[:10]  # a prefix of the longer run
 
 
