@@ -122,7 +122,8 @@ inline void check_coreset_update_args(const at::Tensor& points, const at::Tensor
               center.sizes());
   TORCH_CHECK(min_dist.dim() == 1 && min_dist.size(0) == points.size(0),
               "dmgrd::coreset_update: min_dist must be [N], got ", min_dist.sizes());
-  TORCH_CHECK(center.scalar_type() == points.scalar_type(), "dmgrd::coreset_update: center must share the points' dtype");
+  TORCH_CHECK(center.scalar_type() == points.scalar_type(),
+              "dmgrd::coreset_update: center must share the points' dtype");
   const auto acc = points.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(min_dist.scalar_type() == acc, "dmgrd::coreset_update: min_dist must be ", acc, " for ",
               points.scalar_type(), " points");
