@@ -107,4 +107,28 @@ inline void check_image_score_args(const at::Tensor& map, const std::string& mod
               "dmgrd::image_score: k must be in [1, H*W], got ", k);
 }
 
+// Greedy k-center order of distances: NaN is the largest value; equal values are not farther (the caller
+// keeps the lower index, as torch.argmax does).
+template <typename acc_t>
+DMGRD_HOST_DEVICE inline bool farther(acc_t a, acc_t b) {
+  return (a != a) ? (b == b) : a > b;
+}
+
+inline void check_coreset_update_args(const at::Tensor& points, const at::Tensor& center, const at::Tensor& min_dist) {
+  TORCH_CHECK(points.dim() == 2 && points.size(0) > 0, "dmgrd::coreset_update: points must be [N, D] with N > 0, got ",
+              points.sizes());
+  TORCH_CHECK(points.is_floating_point(), "dmgrd::coreset_update: points must be floating point");
+  TORCH_CHECK(center.dim() == 1 && center.size(0) == points.size(1), "dmgrd::coreset_update: center must be [D], got ",
+              center.sizes());
+  TORCH_CHECK(min_dist.dim() == 1 && min_dist.size(0) == points.size(0),
+              "dmgrd::coreset_update: min_dist must be [N], got ", min_dist.sizes());
+  TORCH_CHECK(center.scalar_type() == points.scalar_type(),
+              "dmgrd::coreset_update: center must share the points' dtype");
+  const auto acc = points.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(min_dist.scalar_type() == acc, "dmgrd::coreset_update: min_dist must be ", acc, " for ",
+              points.scalar_type(), " points");
+  TORCH_CHECK(center.device() == points.device() && min_dist.device() == points.device(),
+              "dmgrd::coreset_update: points, center and min_dist must be on one device");
+}
+
 }  // namespace dmgrd

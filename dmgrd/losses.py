@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dmgrd import ops
+
 KD_REDUCTIONS = ("flatten", "pixel")
 COS_CHAN_MODES = ("channel", "flatten")
 SSOT_MODES = ("sinkhorn", "legacy", "off")
@@ -154,4 +156,19 @@ def triplet_loss(anchor: list[torch.Tensor], positive: list[torch.Tensor], negat
     for a, p, n in zip(anchor, positive, negative):
         pooled = [F.normalize(x.float().mean((2, 3)), dim=1) for x in (a, p, n)]
         total = total + F.triplet_margin_loss(*pooled, margin=margin)
+    return total
+
+
+def memory_margin_loss(student: list[torch.Tensor], normal: list[torch.Tensor], abnormal: list[torch.Tensor],
+                       margin: float = 1.0) -> torch.Tensor:
+    """Σ_l mean_b relu(d(s, nearest normal) - d(s, nearest abnormal) + margin), s = normalise(GAP(S_l[b])).
+
+    ``normal`` and ``abnormal`` are per level the L2-normalised GAP vectors of the memory items ([L, C_l]);
+    ``d`` is the squared L2 distance of unit vectors, ``2 (1 - cos)`` (:func:`dmgrd.ops.dual_memory_margin`).
+    DM-GRD's ``triplet="memory"`` passes the student output of every training input.
+    """
+    total = 0.0
+    for s, n, a in zip(student, normal, abnormal):
+        query = F.normalize(s.to(n.dtype).mean((2, 3)), dim=1)
+        total = total + ops.dual_memory_margin(query, n, a, margin, "l2")[4].mean()
     return total

@@ -223,7 +223,7 @@ def test_unfitted_memory_and_bad_options():
     with pytest.raises(ValueError, match="selection must be one of"):
         dmgrd.DMGRD(LITE0, weights=None, image_size=64, selection="nearest")
     with pytest.raises(TypeError, match="unknown DMGRDConfig option"):
-        dmgrd.DMGRD(LITE0, weights=None, image_size=64, memory=3)
+        dmgrd.DMGRD(LITE0, weights=None, image_size=64, memory_slots=3)
     with pytest.raises(ValueError, match="multiple of 32"):
         dmgrd.DMGRD(LITE0, weights=None, image_size=48)
     with pytest.raises(ValueError, match="preset must be one of"):

@@ -14,16 +14,16 @@ from typing import ClassVar
 
 import torch
 
-from dmgrd.losses import SSOT_MODES, contrast_loss, kd_loss, ssot_loss, triplet_loss
+from dmgrd.losses import SSOT_MODES, contrast_loss, kd_loss, memory_margin_loss, ssot_loss, triplet_loss
 from dmgrd.models.base import ModelConfig
 from dmgrd.models.fusion import ATTENTION_MODES, MSFF
-from dmgrd.models.memory import SELECTIONS, MemoryBank
+from dmgrd.models.memory import MEMORY_KINDS, SELECTIONS, MemoryBank, PatchMemoryBank
 from dmgrd.models.rd4ad import ReverseDistillation
 from dmgrd.synthesis import BLEND_MODES, AnomalySynthesizer
 
 KD_TARGETS = ("input", "clean")
 SAMPLE_ORDERS = ("random", "alternate")
-TRIPLET_MODES = ("embedding", "legacy", "off")
+TRIPLET_MODES = ("embedding", "memory", "legacy", "off")
 
 
 @dataclass
@@ -40,6 +40,18 @@ class DMGRDConfig(ModelConfig):
     ``clean`` preset: nearest memory item by L2 distance, DRAEM blending, one Sinkhorn OT problem per
     sample, the embedding triplet, ``kd_target="clean"`` (restore the clean teacher features),
     softmax non-local attention through ``scaled_dot_product_attention``, Bernoulli(0.5) augmentation.
+
+    Options beyond the paper (defaults off in both presets):
+    ``memory="patch"`` compares every pixel with its nearest normal (abnormal) memory *patch*, PatchCore-style,
+    instead of the whole pyramid with one selected memory image (:class:`~dmgrd.models.memory.PatchMemoryBank`);
+    ``coreset_ratio`` < 1 keeps a greedy k-center coreset of each level's patches (built once in ``prepare``,
+    saved with the model), selected in a ``coreset_projection``-dimensional random projection.
+    ``triplet="memory"``: for each training input (clean or augmented; both are reconstructed as normal) the
+    student output's L2-normalised GAP vector ``s_l`` should be nearer to the normal than to the abnormal
+    memory: ``sum_l mean_b relu(d(s_l, nearest normal item) - d(s_l, nearest abnormal item) + triplet_margin)``
+    over the normalised GAP vectors of the memory items, with ``d`` the squared L2 distance of unit vectors,
+    ``2 (1 - cos)`` (:func:`~dmgrd.losses.memory_margin_loss`). ``triplet_margin`` is the margin of every
+    triplet mode (the official constant is ``num_levels * triplet_margin``).
     """
 
     memory_size: int = 30
@@ -54,6 +66,10 @@ class DMGRDConfig(ModelConfig):
     ssot: str = "sinkhorn"
     ssot_points: int = 256
     triplet: str = "embedding"
+    triplet_margin: float = 1.0
+    memory: str = "image"
+    coreset_ratio: float = 1.0
+    coreset_projection: int | None = 128
     separation_weight: float = 0.2
     contrast_weight: float = 0.1
     triplet_weight: float = 0.1
@@ -81,7 +97,21 @@ class DMGRDConfig(ModelConfig):
         "attention": ATTENTION_MODES,
         "ssot": SSOT_MODES,
         "triplet": TRIPLET_MODES,
+        "memory": MEMORY_KINDS,
     }
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.coreset_projection is not None and not (isinstance(self.coreset_projection, int)
+                                                         and self.coreset_projection >= 1):
+            raise ValueError(f"coreset_projection must be None or a positive int, got {self.coreset_projection!r}")
+        if not self.triplet_margin >= 0:
+            raise ValueError(f"triplet_margin must be >= 0, got {self.triplet_margin}")
+        if self.memory == "patch" and self.triplet == "legacy":
+            raise ValueError("triplet='legacy' gathers whole memory images, which memory='patch' does not select; "
+                             "use memory='image' or another triplet mode")
 
 
 class DMGRD(ReverseDistillation):
@@ -101,10 +131,16 @@ class DMGRD(ReverseDistillation):
         height, width = config.size
         sizes = tuple((height // s, width // s) for s in self.teacher.strides)
         channels = self.teacher.channels
-        self.normal_memory = MemoryBank(channels, sizes, config.memory_size, config.selection)
-        self.abnormal_memory = MemoryBank(channels, sizes, config.memory_size, config.selection)
+        self.normal_memory = self._memory_bank(channels, sizes)
+        self.abnormal_memory = self._memory_bank(channels, sizes)
         self.fusion = MSFF(channels, config.attention)
         self.synthesizer: AnomalySynthesizer | None = None
+
+    def _memory_bank(self, channels, sizes) -> MemoryBank:
+        cfg = self.config
+        if cfg.memory == "patch":
+            return PatchMemoryBank(channels, sizes, cfg.memory_size, cfg.coreset_ratio, cfg.coreset_projection)
+        return MemoryBank(channels, sizes, cfg.memory_size, cfg.selection)
 
     def student_features(self, teacher_feats):
         _, guided = self.normal_memory.select(teacher_feats)
@@ -114,7 +150,7 @@ class DMGRD(ReverseDistillation):
     def prepare(self, train_data, generator, batch_size=8, build_memory=True):
         """The anomaly synthesiser, then both memory banks (unless ``build_memory`` is False, e.g. on the
         ranks of a distributed run that receive them): teacher pyramids of ``memory_size`` training images,
-        and of the same images with synthesised anomalies."""
+        and of the same images with synthesised anomalies (patch memory: then each level's coreset)."""
         count = self.config.memory_size
         if len(train_data) < count:
             raise ValueError(f"DM-GRD needs at least memory_size={count} training images, got {len(train_data)}")
@@ -126,9 +162,10 @@ class DMGRD(ReverseDistillation):
         images = torch.stack([train_data[int(i)]["image"] for i in indices]).to(self.device)
         self.check_images(images)
         augmented, _ = self.synthesizer.synth(images, generator)
+        options = {"generator": generator} if self.config.memory == "patch" else {}
         for bank, source in ((self.normal_memory, images), (self.abnormal_memory, augmented)):
             chunks = [self.teacher(chunk) for chunk in source.split(batch_size)]
-            bank.fill([torch.cat(level) for level in zip(*chunks)], indices)
+            bank.fill([torch.cat(level) for level in zip(*chunks)], indices, **options)
 
     def _pick_augmented(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         if self.config.sample_order == "alternate":
@@ -150,23 +187,26 @@ class DMGRD(ReverseDistillation):
         index_n, guided_n = self.normal_memory.select(feats)
         index_a, guided_a = self.abnormal_memory.select(feats)
         fused_n, fused_a = self.fusion(guided_n), self.fusion(guided_a)
-        kd = kd_loss(target, self.decode(fused_n), cfg.kd_reduction)
+        student = self.decode(fused_n)
+        kd = kd_loss(target, student, cfg.kd_reduction)
         contrast = contrast_loss(fused_a, fused_n)
         ssot = ssot_loss(fused_n, cfg.ssot, generator, cfg.ssot_points)
-        triplet = self._triplet(fused_n, fused_a, index_n, index_a, generator)
+        triplet = self._triplet(fused_n, fused_a, index_n, index_a, generator, student)
         loss = kd + cfg.separation_weight * (ssot + cfg.contrast_weight * contrast) + cfg.triplet_weight * triplet
         return {"loss": loss, "kd": kd, "contrast": contrast, "ssot": ssot, "triplet": triplet}
 
-    def _triplet(self, fused_n, fused_a, index_n, index_a, generator) -> torch.Tensor:
-        mode = self.config.triplet
+    def _triplet(self, fused_n, fused_a, index_n, index_a, generator, student=None) -> torch.Tensor:
+        mode, margin = self.config.triplet, self.config.triplet_margin
         if mode == "off":
             return torch.zeros((), device=fused_n[0].device)
         if mode == "legacy":
             anchor = [m[index_n] for m in self.normal_memory.items]
             other = [m[index_a] for m in self.abnormal_memory.items]
-            return triplet_loss(anchor, other, other)
+            return triplet_loss(anchor, other, other, margin)
+        if mode == "memory":
+            return memory_margin_loss(student, self.normal_memory.pooled(), self.abnormal_memory.pooled(), margin)
         batch = fused_n[0].shape[0]
         if batch < 2:
             return torch.zeros((), device=fused_n[0].device)
         shift = int(torch.randint(1, batch, (1,), generator=generator))
-        return triplet_loss(fused_n, [z.roll(shift, dims=0) for z in fused_n], fused_a)
+        return triplet_loss(fused_n, [z.roll(shift, dims=0) for z in fused_n], fused_a, margin)

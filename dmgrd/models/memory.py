@@ -1,20 +1,52 @@
 """DM-GRD memory bank (SPEC §4.3): teacher pyramids of L training images kept as buffers, the nearest item
-for each query, and the memory-guided input ``[F_l, (M_l[j*] - F_l)^2]`` of the fusion module."""
+(or, for patch memory, the nearest patch) for each query, and the memory-guided input ``[F_l, (M_l - F_l)^2]``
+of the fusion module."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmgrd import ops
+from dmgrd.ops.memory_nearest import pairwise_distance_reference
+
 SELECTIONS = ("l2", "attention", "legacy")
+MEMORY_KINDS = ("image", "patch")
+
+
+class DerivedCache:
+    """Tensors derived from buffers (flattened banks, pooled items), rebuilt when a source buffer changes.
+
+    A source changes in place (``fill``, ``load_state_dict``: its version counter moves) or is replaced
+    (``.to()``: the owner calls :meth:`clear` from ``_apply``).
+    """
+
+    def __init__(self):
+        self._entries: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def get(self, name: str, sources: Sequence[torch.Tensor], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in sources)
+        entry = self._entries.get(name)
+        if entry is None or entry[0] != key:
+            with torch.no_grad():
+                entry = (key, build())
+            self._entries[name] = entry
+        return entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 class MemoryBank(nn.Module):
     """L full teacher pyramids (buffers ``items_0..2`` of shape [L, C_l, H_l, W_l]) and their dataset indices.
 
     ``selection`` picks the item each query is compared with:
-    ``"l2"`` the nearest item by mean squared distance over all levels (the MemSeg intent);
+    ``"l2"`` the nearest item by mean squared distance over all levels (the MemSeg intent), found by
+    :func:`dmgrd.ops.memory_nearest` on the levels flattened and scaled by ``1/sqrt(C_l H_l W_l)``;
     ``"attention"`` the item with the largest mean softmax-cosine attention of the query's pixels;
     ``"legacy"`` the official code's top-k-of-channels statistic, whose argmin is always the last index of a
     level block ({L/3-1, 2L/3-1, L-1}), i.e. one fixed item for every query.
@@ -32,6 +64,11 @@ class MemoryBank(nn.Module):
         for level, (c, (h, w)) in enumerate(zip(channels, sizes)):
             self.register_buffer(f"items_{level}", torch.zeros(memory_size, c, h, w))
         self.register_buffer("indices", torch.full((memory_size,), -1, dtype=torch.long))
+        self._cache = DerivedCache()
+
+    def _apply(self, fn, recurse=True):
+        self._cache.clear()  # the buffers are about to be replaced (.to(), .half(), ...)
+        return super()._apply(fn, recurse)
 
     @property
     def items(self) -> list[torch.Tensor]:
@@ -50,30 +87,144 @@ class MemoryBank(nn.Module):
             item.copy_(f)
         self.indices.copy_(indices)
 
+    def flat_items(self) -> torch.Tensor:
+        """[L, sum_l C_l H_l W_l]: the items as :func:`flatten_scaled` rows (cached)."""
+        return self._cache.get("flat", self.items, lambda: flatten_scaled(self.items, self.items[0].dtype))
+
+    def pooled(self) -> list[torch.Tensor]:
+        """Per level [L, C_l]: the L2-normalised global average pool of every item (cached)."""
+        return [self._cache.get(f"pooled_{level}", [m], lambda m=m: F.normalize(m.mean((2, 3)), dim=1))
+                for level, m in enumerate(self.items)]
+
     @torch.no_grad()
     def distances(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Selection score D [B, L] (or [B, 3 * (L // 3)] for ``"legacy"``); the chosen item is its argmin."""
         if self.selection == "l2":
-            return sum(_mean_squared_distance(f, m) for f, m in zip(feats, self.items))
+            bank = self.flat_items()
+            dist, index = ops.memory_nearest(flatten_scaled(feats, bank.dtype), bank, bank.shape[0], "l2")
+            return torch.empty_like(dist).scatter_(1, index, dist)
         if self.selection == "attention":
             return -sum(_item_attention(f, m).mean(2) for f, m in zip(feats, self.items))
         k = self.items[0].shape[0] // 3
         return torch.cat([_legacy_statistic(f, m, k) for f, m in zip(feats, self.items)], dim=1)
 
-    def select(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Index j* [B] of the chosen item and the memory-guided inputs ``[F_l, (M_l[j*] - F_l)^2]`` per level."""
+    @torch.no_grad()
+    def nearest(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Index j* [B] of the item each query is compared with."""
+        if self.selection == "l2":
+            bank = self.flat_items()
+            return nearest_rows(flatten_scaled(feats, bank.dtype), bank)
+        return self.distances(feats).argmin(1)
+
+    def check_filled(self) -> None:
         if not self.filled:
             raise RuntimeError("the memory bank is empty: fit the model (or load a fitted checkpoint) first")
-        chosen = self.distances(feats).argmin(1)
-        guided = [torch.cat([f, (m[chosen].to(f.dtype) - f).square()], dim=1) for f, m in zip(feats, self.items)]
-        return chosen, guided
+
+    def select(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Index j* [B] of the chosen item and the memory-guided inputs ``[F_l, (M_l[j*] - F_l)^2]`` per level."""
+        self.check_filled()
+        chosen = self.nearest(feats)
+        return chosen, [guided_input(f, m[chosen]) for f, m in zip(feats, self.items)]
 
 
-def _mean_squared_distance(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """mean over C, H, W of (f[b] - m[j])^2 for every pair, via one B x D @ D x L product."""
-    f, m = f.flatten(1).float(), m.flatten(1).float()
-    d = f.square().sum(1, keepdim=True) + m.square().sum(1) - 2 * f @ m.T
-    return d.clamp_min(0) / f.shape[1]
+class PatchMemoryBank(MemoryBank):
+    """Patch-level memory (PatchCore-style): every pixel of the L stored pyramids is a memory patch.
+
+    For level l the bank holds the ``L * H_l * W_l`` rows of ``C_l`` features of all items (rows ordered by
+    item, then pixel); ``coreset_ratio < 1`` keeps ``max(1, int(ratio * rows))`` of them, chosen by greedy
+    k-center (:func:`dmgrd.ops.greedy_coreset`, in a ``coreset_projection``-dimensional random projection
+    when the level has more channels) when the bank is filled, and stored as index buffers ``coreset_l``.
+    Each query pixel is compared with its nearest patch (squared L2, :func:`dmgrd.ops.memory_nearest`), so
+    the guided input is ``[F_l, (P_l[nn(p)] - F_l)^2]`` pixel by pixel. Image-level ``selection`` does not apply.
+    """
+
+    def __init__(self, channels: tuple[int, ...], sizes: tuple[tuple[int, int], ...], memory_size: int = 30,
+                 coreset_ratio: float = 1.0, coreset_projection: int | None = 128):
+        super().__init__(channels, sizes, memory_size)
+        if not 0 < coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        self.coreset_ratio = coreset_ratio
+        self.coreset_projection = coreset_projection
+        if coreset_ratio < 1:
+            for level, (h, w) in enumerate(sizes):
+                size = max(1, int(coreset_ratio * memory_size * h * w))
+                self.register_buffer(f"coreset_{level}", torch.full((size,), -1, dtype=torch.long))
+
+    @property
+    def coresets(self) -> list[torch.Tensor]:
+        """Per level the kept patch rows, or nothing without a coreset."""
+        if self.coreset_ratio == 1:
+            return []
+        return [getattr(self, f"coreset_{level}") for level in range(self.num_levels)]
+
+    @property
+    def filled(self) -> bool:
+        return super().filled and all(bool((c >= 0).all()) for c in self.coresets)
+
+    @torch.no_grad()
+    def fill(self, feats: list[torch.Tensor], indices: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Store the pyramids as :meth:`MemoryBank.fill`, then select each level's coreset; ``generator`` draws
+        the random projections."""
+        super().fill(feats, indices)
+        for level, coreset in enumerate(self.coresets):
+            patches = _patch_rows(self.items[level])
+            projection = self.coreset_projection
+            if projection is not None and projection >= patches.shape[1]:
+                projection = None
+            coreset.copy_(ops.greedy_coreset(patches, coreset.numel(), projection_dim=projection, generator=generator))
+
+    def patch_bank(self, level: int) -> torch.Tensor:
+        """[P_l, C_l]: the memory patches of ``level`` (the coreset rows when there is one; cached)."""
+        items = self.items[level]
+        if not self.coresets:
+            return self._cache.get(f"patches_{level}", [items], lambda: _patch_rows(items))
+        coreset = self.coresets[level]
+        return self._cache.get(f"patches_{level}", [items, coreset],
+                               lambda: _patch_rows(items).index_select(0, coreset))
+
+    @torch.no_grad()
+    def nearest_patches(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per level [B, H_l, W_l]: the row of :meth:`patch_bank` nearest to each query pixel."""
+        rows = []
+        for level, f in enumerate(feats):
+            bank = self.patch_bank(level)
+            rows.append(nearest_rows(_patch_rows(f).to(bank.dtype), bank).view(f.shape[0], *f.shape[2:]))
+        return rows
+
+    def select(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Nearest patch rows per level ([B, H_l, W_l]) and the guided inputs ``[F_l, (P_l[nn] - F_l)^2]``."""
+        self.check_filled()
+        rows = self.nearest_patches(feats)
+        guided = []
+        for level, (f, index) in enumerate(zip(feats, rows)):
+            nearest = self.patch_bank(level)[index].permute(0, 3, 1, 2)  # B x C x H x W
+            guided.append(guided_input(f, nearest))
+        return rows, guided
+
+
+def nearest_rows(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """[N]: the ``bank`` row nearest to each ``query`` row (squared L2, lowest index on ties), by
+    :func:`dmgrd.ops.memory_nearest`; during ONNX export, which has neither custom ops nor a stable sort, by the
+    argmin of the reference distance matrix (the same definition)."""
+    if torch.onnx.is_in_onnx_export():
+        return pairwise_distance_reference(query, bank, "l2").argmin(1)
+    return ops.memory_nearest(query, bank, 1, "l2")[1][:, 0]
+
+
+def guided_input(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The memory-guided input ``[f, (m - f)^2]`` (channels doubled), in ``f``'s dtype."""
+    return torch.cat([f, (m.to(f.dtype) - f).square()], dim=1)
+
+
+def flatten_scaled(feats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """[B, sum_l C_l H_l W_l]: each level flattened and divided by ``sqrt(C_l H_l W_l)``, so the squared L2
+    distance of two rows is ``sum_l mean_{c,h,w} (f_l - m_l)^2``."""
+    return torch.cat([f.flatten(1).to(dtype) / math.sqrt(f[0].numel()) for f in feats], dim=1)
+
+
+def _patch_rows(f: torch.Tensor) -> torch.Tensor:
+    """[B * H * W, C]: one row per pixel of ``f`` [B, C, H, W] (ordered by image, then pixel)."""
+    return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
 
 
 def _item_attention(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dmgrd.ops._dispatch import (
     use_backend,
 )
 from dmgrd.ops.anomaly_map import anomaly_map, anomaly_map_reference, gaussian_blur_reference, gaussian_weights
+from dmgrd.ops.coreset import coreset_update, coreset_update_reference, greedy_coreset
 from dmgrd.ops.dual_memory_margin import dual_memory_margin, dual_memory_margin_reference
 from dmgrd.ops.image_score import image_score, image_score_reference
 from dmgrd.ops.memory_nearest import memory_nearest, memory_nearest_reference
@@ -24,10 +25,13 @@ __all__ = [
     "anomaly_map",
     "anomaly_map_reference",
     "backends",
+    "coreset_update",
+    "coreset_update_reference",
     "dual_memory_margin",
     "dual_memory_margin_reference",
     "gaussian_blur_reference",
     "gaussian_weights",
+    "greedy_coreset",
     "image_score",
     "image_score_reference",
     "memory_nearest",
