@@ -80,7 +80,7 @@ def _farthest_kernel(block_key_ptr, block_index_ptr, out_ptr, blocks, BLOCK: tl.
 
 def coreset_update_triton(points: torch.Tensor, center: torch.Tensor,
                           min_dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(minimum(min_dist, |points - center|^2), argmax)`` for ``[N, D]`` points of any layout; float32 ``min_dist``."""
+    """``(minimum(min_dist, |points - center|^2), argmax)`` for ``[N, D]`` points of any layout (float32 min_dist)."""
     rows, dim = points.shape
     min_dist = min_dist.contiguous()
     blocks = triton.cdiv(rows, _BLOCK_ROWS)
