@@ -7,22 +7,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-KD_REDUCTIONS = ("flatten", "pixel")
+from dmgrd.ops import cosine_kd_loss
+from dmgrd.ops.cosine_kd_loss import REDUCTIONS as KD_REDUCTIONS
+
 SSOT_MODES = ("sinkhorn", "legacy", "off")
 
 
 def kd_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], reduction: str = "flatten") -> torch.Tensor:
     """Σ_l mean_b [1 - cos]: over the flattened C·H·W vector of each image (``"flatten"``, the official code)
-    or per pixel over channels and averaged (``"pixel"``, the RD4AD paper). Computed in float32."""
+    or per pixel over channels and averaged (``"pixel"``, the RD4AD paper). Accumulated in float32.
+
+    Runs :func:`dmgrd.ops.cosine_kd_loss` (fused forward and backward; its torch reference under
+    ``use_backend("torch")``)."""
     if reduction not in KD_REDUCTIONS:
         raise ValueError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
-    total = 0.0
-    for t, s in zip(teacher, student):
-        t, s = t.float(), s.float()
-        if reduction == "flatten":
-            t, s = t.flatten(1), s.flatten(1)
-        total = total + (1 - F.cosine_similarity(t, s, dim=1)).mean()
-    return total
+    return cosine_kd_loss(teacher, student, reduction)
 
 
 def contrast_loss(abnormal: list[torch.Tensor], normal: list[torch.Tensor], margin: float = 0.5) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dmgrd.ops._dispatch import (
     use_backend,
 )
 from dmgrd.ops.anomaly_map import anomaly_map, anomaly_map_reference, gaussian_blur_reference, gaussian_weights
+from dmgrd.ops.cosine_kd_loss import cosine_kd_loss, cosine_kd_loss_reference
 from dmgrd.ops.dual_memory_margin import dual_memory_margin, dual_memory_margin_reference
 from dmgrd.ops.image_score import image_score, image_score_reference
 from dmgrd.ops.memory_nearest import memory_nearest, memory_nearest_reference
@@ -24,6 +25,8 @@ __all__ = [
     "anomaly_map",
     "anomaly_map_reference",
     "backends",
+    "cosine_kd_loss",
+    "cosine_kd_loss_reference",
     "dual_memory_margin",
     "dual_memory_margin_reference",
     "gaussian_blur_reference",
