@@ -20,7 +20,6 @@ namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 15;  // flatten: elements per task
 constexpr int64_t kPixels = 256;              // pixel: pixels per task
-constexpr int kLanes = 16;                    // independent accumulators, so the reductions vectorise
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -34,28 +33,18 @@ struct Sums {
   }
 };
 
-// <t, s>, |t|^2 and |s|^2 of n consecutive elements.
+// <t, s>, |t|^2 and |s|^2 of n consecutive elements (the simd reduction lets the compiler vectorise the sums).
 template <typename scalar_t, typename acc_t>
 Sums<acc_t> contiguous_sums(const scalar_t* t, const scalar_t* s, int64_t n) {
-  acc_t dot[kLanes] = {}, tt[kLanes] = {}, ss[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const acc_t a = static_cast<acc_t>(t[i + k]), b = static_cast<acc_t>(s[i + k]);
-      dot[k] += a * b;
-      tt[k] += a * a;
-      ss[k] += b * b;
-    }
+  acc_t dot = 0, tt = 0, ss = 0;
+#pragma omp simd reduction(+ : dot, tt, ss)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t a = static_cast<acc_t>(t[i]), b = static_cast<acc_t>(s[i]);
+    dot += a * b;
+    tt += a * a;
+    ss += b * b;
   }
-  for (int k = 0; i + k < n; ++k) {
-    const acc_t a = static_cast<acc_t>(t[i + k]), b = static_cast<acc_t>(s[i + k]);
-    dot[k] += a * b;
-    tt[k] += a * a;
-    ss[k] += b * b;
-  }
-  Sums<acc_t> out;
-  for (int k = 0; k < kLanes; ++k) out.add({dot[k], tt[k], ss[k]});
-  return out;
+  return {dot, tt, ss};
 }
 
 // A level as the kernels see it: dense (kd::dense_level), rows of `len` elements or pixels of `channels`.
@@ -74,6 +63,12 @@ struct Level {
         pixels(d.t.size(2) * d.t.size(3)),
         len(channels * pixels),
         channels_last(d.channels_last) {}
+
+  // Tasks (flatten chunks or pixel blocks) per thread at least: small levels run inline, without a parallel region.
+  int64_t grain(bool pixel) const {
+    const int64_t task = pixel ? std::min(kPixels, pixels) * channels : std::min(kChunk, len);
+    return std::max<int64_t>(1, at::internal::GRAIN_SIZE / task);
+  }
 };
 
 // Flatten: the level's terms; coeffs gets one row per image.
@@ -81,7 +76,7 @@ template <typename scalar_t, typename acc_t>
 acc_t flatten_forward(const Level<scalar_t>& lv, acc_t* coeffs) {
   const int64_t chunks = ceil_div(lv.len, kChunk);
   std::vector<Sums<acc_t>> partial(lv.batch * chunks);
-  at::parallel_for(0, lv.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, lv.batch * chunks, lv.grain(false), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t offset = (task / chunks) * lv.len + (task % chunks) * kChunk;
       const int64_t n = std::min(kChunk, lv.len - (task % chunks) * kChunk);
@@ -129,7 +124,7 @@ acc_t pixel_forward(const Level<scalar_t>& lv, acc_t* coeffs) {
   const int64_t blocks = ceil_div(lv.pixels, kPixels);
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(lv.batch * lv.pixels);
   std::vector<acc_t> partial(lv.batch * blocks);
-  at::parallel_for(0, lv.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, lv.batch * blocks, lv.grain(true), [&](int64_t begin, int64_t end) {
     std::vector<Sums<acc_t>> sums(kPixels);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, p0 = (task % blocks) * kPixels;
@@ -210,7 +205,7 @@ void grad_planar(const Level<scalar_t>& lv, int64_t b, int64_t p0, int64_t n, co
 template <typename scalar_t, typename acc_t>
 void level_backward(const Level<scalar_t>& lv, bool pixel, const acc_t* c, scalar_t* gs, scalar_t* gt) {
   const int64_t per_image = pixel ? ceil_div(lv.pixels, kPixels) : ceil_div(lv.len, kChunk);
-  at::parallel_for(0, lv.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, lv.batch * per_image, lv.grain(pixel), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / per_image, piece = task % per_image;
       if (!pixel) {
