@@ -77,6 +77,18 @@ def _flat_rows_kernel(part_ptr, coeff_ptr, term_ptr, chunks, inv_count, eps, BLO
 
 
 @triton.jit
+def _channel_block(t_ptr, s_ptr, c0, C, ch_stride, pix_off, pix_mask, BLOCK_C: tl.constexpr):
+    """Channels ``[c0, c0 + BLOCK_C)`` at the tile's pixels (offsets ``pix_off``): T and S as float32 (0 where
+    masked), their offsets and the mask."""
+    chan = c0 + tl.arange(0, BLOCK_C)
+    mask = (chan < C)[:, None] & pix_mask[None, :]
+    offs = chan.to(tl.int64)[:, None] * ch_stride + pix_off[None, :]
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return t, s, offs, mask
+
+
+@triton.jit
 def _pixel_sums_kernel(
     t_ptr, s_ptr, coeff_ptr, term_ptr, C, HW, pix_stride, ch_stride, inv_count, eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -85,17 +97,12 @@ def _pixel_sums_kernel(
     b = tl.program_id(1).to(tl.int64)
     pix = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     pix_mask = pix < HW
-    pix_off = pix.to(tl.int64) * pix_stride
-    image = b * C * HW
+    pix_off = b * C * HW + pix.to(tl.int64) * pix_stride
     dot = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     tt = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     ss = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        chan = c0 + tl.arange(0, BLOCK_C)
-        mask = (chan < C)[:, None] & pix_mask[None, :]
-        offs = image + chan.to(tl.int64)[:, None] * ch_stride + pix_off[None, :]
-        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        t, s, _, _ = _channel_block(t_ptr, s_ptr, c0, C, ch_stride, pix_off, pix_mask, BLOCK_C)
         dot += t * s
         tt += t * t
         ss += s * s
@@ -138,19 +145,14 @@ def _pixel_grad_kernel(
     b = tl.program_id(1).to(tl.int64)
     pix = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     pix_mask = pix < HW
-    pix_off = pix.to(tl.int64) * pix_stride
+    pix_off = b * C * HW + pix.to(tl.int64) * pix_stride
     row = b * HW + pix
     g = tl.load(grad_ptr)
     a = (g * tl.load(coeff_ptr + 3 * row, mask=pix_mask, other=0.0))[None, :]
     b_s = (g * tl.load(coeff_ptr + 3 * row + 1, mask=pix_mask, other=0.0))[None, :]
     b_t = (g * tl.load(coeff_ptr + 3 * row + 2, mask=pix_mask, other=0.0))[None, :]
-    image = b * C * HW
     for c0 in range(0, C, BLOCK_C):
-        chan = c0 + tl.arange(0, BLOCK_C)
-        mask = (chan < C)[:, None] & pix_mask[None, :]
-        offs = image + chan.to(tl.int64)[:, None] * ch_stride + pix_off[None, :]
-        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        t, s, offs, mask = _channel_block(t_ptr, s_ptr, c0, C, ch_stride, pix_off, pix_mask, BLOCK_C)
         tl.store(gs_ptr + offs, (a * t + b_s * s).to(gs_ptr.dtype.element_ty), mask=mask)
         if TEACHER:
             tl.store(gt_ptr + offs, (a * s + b_t * t).to(gt_ptr.dtype.element_ty), mask=mask)

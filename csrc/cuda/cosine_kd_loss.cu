@@ -180,41 +180,66 @@ __global__ void __launch_bounds__(kThreads)
 // Pixels per block of the pixel kernels: one per lane (contiguous layout) or one per warp (channels_last).
 __host__ __device__ inline int64_t tile_pixels(bool channels_last) { return channels_last ? kGroups : kWarp; }
 
+// A thread of the pixel kernels: its pixel p (of image b at its level) and the channels it walks. Contiguous
+// layout: lane x = pixel, y = channel group; channels_last: warp y = pixel, lane x = channel group.
+struct PixelThread {
+  int level;
+  bool channels_last;
+  int64_t channels, pixels, p, row, image, pixel_step, channel_step;
+  int group, groups;
+
+  // Offset of channel c of the thread's pixel in the level's features.
+  __device__ int64_t offset(int64_t c) const { return image + p * pixel_step + c * channel_step; }
+};
+
+template <typename scalar_t>
+__device__ inline PixelThread pixel_thread(const Table<scalar_t>& tab) {
+  const Place pos = place_of(tab, blockIdx.x);
+  const int l = pos.level;
+  const bool cl = tab.channels_last[l];
+  const int64_t channels = tab.channels[l], pixels = tab.pixels[l];
+  const int64_t p = pos.piece * tile_pixels(cl) + (cl ? threadIdx.y : threadIdx.x);
+  return {l,
+          cl,
+          channels,
+          pixels,
+          p,
+          tab.row_begin[l] + pos.b * pixels + p,
+          pos.b * channels * pixels,
+          cl ? channels : 1,
+          cl ? 1 : pixels,
+          static_cast<int>(cl ? threadIdx.x : threadIdx.y),
+          cl ? kWarp : kGroups};
+}
+
 // Pixel K1: per-pixel sums, coefficients and the block's partial term.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     pixel_sums_kernel(Table<scalar_t> tab, acc_t* __restrict__ coeffs, acc_t* __restrict__ partials) {
   __shared__ acc_t part[3][kGroups][kWarp];
   const int x = threadIdx.x, y = threadIdx.y;
-  const Place pos = place_of(tab, blockIdx.x);
-  const int l = pos.level;
-  const bool channels_last = tab.channels_last[l];
-  const int64_t channels = tab.channels[l], pixels = tab.pixels[l];
-  const int64_t p = pos.piece * tile_pixels(channels_last) + (channels_last ? y : x);
-  const int64_t image = pos.b * channels * pixels;
-  const scalar_t* t = tab.t[l] + image;
-  const scalar_t* s = tab.s[l] + image;
-  // contiguous layout: lane x = pixel, y = channel group; channels_last: warp y = pixel, lane x = channel group
-  const int group = channels_last ? x : y, groups = channels_last ? kWarp : kGroups;
-  const int64_t pixel_step = channels_last ? channels : 1, channel_step = channels_last ? 1 : pixels;
+  const PixelThread th = pixel_thread(tab);
+  const scalar_t* t = tab.t[th.level];
+  const scalar_t* s = tab.s[th.level];
   acc_t dot = 0, tt = 0, ss = 0;
-  if (p < pixels) {
-    for (int64_t c = group; c < channels; c += groups) {
-      const int64_t offset = p * pixel_step + c * channel_step;
+  const bool exists = th.p < th.pixels;
+  if (exists) {
+    for (int64_t c = th.group; c < th.channels; c += th.groups) {
+      const int64_t offset = th.offset(c);
       const acc_t a = static_cast<acc_t>(t[offset]), b = static_cast<acc_t>(s[offset]);
       dot += a * b;
       tt += a * a;
       ss += b * b;
     }
   }
-  const acc_t inv_count = acc_t(1) / static_cast<acc_t>(tab.batch * pixels);
-  acc_t* row_coeffs = coeffs + 3 * (tab.row_begin[l] + pos.b * pixels + p);
+  const acc_t inv_count = acc_t(1) / static_cast<acc_t>(tab.batch * th.pixels);
+  acc_t* row_coeffs = coeffs + 3 * th.row;
   acc_t term = 0;
-  if (channels_last) {
+  if (th.channels_last) {
     dot = warp_sum(dot);
     tt = warp_sum(tt);
     ss = warp_sum(ss);
-    if (x == 0) part[0][y][0] = p < pixels ? kd::row_term(dot, tt, ss, inv_count, row_coeffs) : acc_t(0);
+    if (x == 0) part[0][y][0] = exists ? kd::row_term(dot, tt, ss, inv_count, row_coeffs) : acc_t(0);
     __syncthreads();
     if (x == 0 && y == 0) {
       for (int w = 0; w < kGroups; ++w) term += part[0][w][0];
@@ -230,7 +255,7 @@ __global__ void __launch_bounds__(kThreads)
         tt += part[1][g][x];
         ss += part[2][g][x];
       }
-      term = warp_sum(p < pixels ? kd::row_term(dot, tt, ss, inv_count, row_coeffs) : acc_t(0));
+      term = warp_sum(exists ? kd::row_term(dot, tt, ss, inv_count, row_coeffs) : acc_t(0));
     }
   }
   if (x == 0 && y == 0) partials[blockIdx.x] = term;
@@ -288,23 +313,15 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     pixel_grad_kernel(Table<scalar_t> tab, const acc_t* __restrict__ coeffs, const acc_t* __restrict__ grad) {
-  const int x = threadIdx.x, y = threadIdx.y;
-  const Place pos = place_of(tab, blockIdx.x);
-  const int l = pos.level;
-  const bool channels_last = tab.channels_last[l];
-  const int64_t channels = tab.channels[l], pixels = tab.pixels[l];
-  const int64_t p = pos.piece * tile_pixels(channels_last) + (channels_last ? y : x);
-  if (p >= pixels) return;
-  const Scaled<acc_t> c(coeffs + 3 * (tab.row_begin[l] + pos.b * pixels + p), *grad);
-  const int64_t image = pos.b * channels * pixels;
-  const int group = channels_last ? x : y, groups = channels_last ? kWarp : kGroups;
-  const int64_t pixel_step = channels_last ? channels : 1, channel_step = channels_last ? 1 : pixels;
-  const scalar_t* t = tab.t[l] + image;
-  const scalar_t* s = tab.s[l] + image;
-  scalar_t* gs = tab.gs[l] + image;
-  scalar_t* gt = tab.gt[l] == nullptr ? nullptr : tab.gt[l] + image;
-  for (int64_t ch = group; ch < channels; ch += groups) {
-    const int64_t offset = p * pixel_step + ch * channel_step;
+  const PixelThread th = pixel_thread(tab);
+  if (th.p >= th.pixels) return;
+  const Scaled<acc_t> c(coeffs + 3 * th.row, *grad);
+  const scalar_t* t = tab.t[th.level];
+  const scalar_t* s = tab.s[th.level];
+  scalar_t* gs = tab.gs[th.level];
+  scalar_t* gt = tab.gt[th.level];
+  for (int64_t ch = th.group; ch < th.channels; ch += th.groups) {
+    const int64_t offset = th.offset(ch);
     const acc_t a = static_cast<acc_t>(t[offset]), b = static_cast<acc_t>(s[offset]);
     gs[offset] = static_cast<scalar_t>(c.a * a + c.b_s * b);
     if (gt != nullptr) gt[offset] = static_cast<scalar_t>(c.a * b + c.b_t * a);
