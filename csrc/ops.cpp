@@ -6,6 +6,9 @@ TORCH_LIBRARY(dmgrd, m) {
   m.def("anomaly_map(Tensor[] teacher, Tensor[] student, int[2] out_size, str reduce, float sigma) -> Tensor");
   m.def("image_score(Tensor anomaly_map, str mode, int k) -> Tensor");
   m.def("coreset_update(Tensor points, Tensor center, Tensor min_dist) -> (Tensor, Tensor)");
+  m.def("cosine_kd_loss_forward(Tensor[] teacher, Tensor[] student, str reduction) -> (Tensor, Tensor)");
+  m.def("cosine_kd_loss_backward(Tensor grad, Tensor[] teacher, Tensor[] student, Tensor coeffs, str reduction, "
+        "bool teacher_grad) -> (Tensor[], Tensor[])");
 }
 
 // `import dmgrd._C` loads the library, which runs the registrations above; it has no Python functions.

@@ -8,32 +8,22 @@ import torch
 import torch.nn.functional as F
 
 from dmgrd import ops
+from dmgrd.ops.cosine_kd_loss import REDUCTIONS as KD_REDUCTIONS
 
-KD_REDUCTIONS = ("flatten", "pixel")
 COS_CHAN_MODES = ("channel", "flatten")
 SSOT_MODES = ("sinkhorn", "legacy", "off")
 
 
-def _cosine_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], layout: str) -> torch.Tensor:
-    """Σ_l mean [1 - cos] in float32, the cosine over C·H·W per image (``"flatten"``), over C per pixel
-    (``"pixel"``) or over H·W per channel of each image (``"channel"``)."""
-    dim = 2 if layout == "channel" else 1  # the cosine runs over this dim, after flattening from it (not "pixel")
-    total = 0.0
-    for t, s in zip(teacher, student):
-        t, s = t.float(), s.float()
-        if layout != "pixel":
-            t, s = t.flatten(dim), s.flatten(dim)
-        total = total + (1 - F.cosine_similarity(t, s, dim=dim)).mean()
-    return total
-
-
 def kd_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], reduction: str = "flatten") -> torch.Tensor:
     """Σ_l mean_b [1 - cos]: over the flattened C·H·W vector of each image (``"flatten"``, the official code)
-    or per pixel over channels and averaged (``"pixel"``, the RD4AD paper; DRD's ``cos_pixel``).
-    Computed in float32."""
+    or per pixel over channels and averaged (``"pixel"``, the RD4AD paper; DRD's ``cos_pixel``). Accumulated
+    in float32.
+
+    Runs :func:`dmgrd.ops.cosine_kd_loss` (fused forward and backward; its torch reference under
+    ``use_backend("torch")``)."""
     if reduction not in KD_REDUCTIONS:
         raise ValueError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
-    return _cosine_loss(teacher, student, reduction)
+    return ops.cosine_kd_loss(teacher, student, reduction)
 
 
 def cos_chan(teacher: list[torch.Tensor], student: list[torch.Tensor], mode: str = "channel") -> torch.Tensor:
@@ -46,7 +36,10 @@ def cos_chan(teacher: list[torch.Tensor], student: list[torch.Tensor], mode: str
     """
     if mode not in COS_CHAN_MODES:
         raise ValueError(f"cos_chan mode must be one of {COS_CHAN_MODES}, got {mode!r}")
-    return _cosine_loss(teacher, student, mode)
+    if mode == "flatten":
+        return kd_loss(teacher, student, "flatten")
+    return sum((1 - F.cosine_similarity(t.float().flatten(2), s.float().flatten(2), dim=2)).mean()
+               for t, s in zip(teacher, student))
 
 
 def seg_l1(anomaly_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -245,7 +245,8 @@ def test_kd_reductions():
     student = [teacher[0] * scale]
     assert kd_loss(teacher, student, "pixel").item() == pytest.approx(0.0, abs=1e-6)
     flat = 1 - torch.nn.functional.cosine_similarity(teacher[0].flatten(1), student[0].flatten(1)).mean()
-    assert kd_loss(teacher, student, "flatten").item() == pytest.approx(flat.item(), rel=1e-6)
+    # kd_loss runs the fused op: it agrees with F.cosine_similarity up to float32 rounding of cos (~1e-7)
+    assert kd_loss(teacher, student, "flatten").item() == pytest.approx(flat.item(), abs=1e-6)
     assert flat.item() > 1e-4
 
 

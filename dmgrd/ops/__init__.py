@@ -14,6 +14,7 @@ from dmgrd.ops._dispatch import (
 )
 from dmgrd.ops.anomaly_map import anomaly_map, anomaly_map_reference, gaussian_blur_reference, gaussian_weights
 from dmgrd.ops.coreset import coreset_update, coreset_update_reference, greedy_coreset
+from dmgrd.ops.cosine_kd_loss import cosine_kd_loss, cosine_kd_loss_reference
 from dmgrd.ops.dual_memory_margin import dual_memory_margin, dual_memory_margin_reference
 from dmgrd.ops.image_score import image_score, image_score_reference
 from dmgrd.ops.memory_nearest import memory_nearest, memory_nearest_reference
@@ -27,6 +28,8 @@ __all__ = [
     "backends",
     "coreset_update",
     "coreset_update_reference",
+    "cosine_kd_loss",
+    "cosine_kd_loss_reference",
     "dual_memory_margin",
     "dual_memory_margin_reference",
     "gaussian_blur_reference",
