@@ -5,6 +5,9 @@
 TORCH_LIBRARY(dmgrd, m) {
   m.def("anomaly_map(Tensor[] teacher, Tensor[] student, int[2] out_size, str reduce, float sigma) -> Tensor");
   m.def("image_score(Tensor anomaly_map, str mode, int k) -> Tensor");
+  m.def("memory_readout(Tensor query, Tensor bank, float temperature) -> (Tensor, Tensor, Tensor)");
+  m.def("memory_readout_backward(Tensor grad_out, Tensor query, Tensor bank, Tensor out, Tensor lse, "
+        "Tensor query_norm, float temperature) -> (Tensor, Tensor)");
 }
 
 // `import dmgrd._C` loads the library, which runs the registrations above; it has no Python functions.
