@@ -180,12 +180,16 @@ def _bank_grad_kernel(
 
 
 def _config(dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes and dot precision (float32 inputs are multiplied in full float32, not TF32)."""
+    """Block sizes, warps and dot precision (float32 inputs are multiplied in full float32, not TF32).
+
+    Untuned: no GPU was at hand when these were chosen; 8 warps keep the bank-gradient kernel's two
+    ``[BLOCK_M, BLOCK_DV]`` float32 accumulators in registers.
+    """
     width = max(16, triton.next_power_of_2(dim))
     blocks = {"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_K": min(width, 64), "BLOCK_DV": min(width, 128)}
     if triton_interpreted():  # small tiles: the interpreter is slow and tests then cover the tiling on tiny shapes
         blocks = dict.fromkeys(blocks, 16)
-    return {"PRECISION": "ieee" if dtype == torch.float32 else "tf32", **blocks}
+    return {"PRECISION": "ieee" if dtype == torch.float32 else "tf32", "num_warps": 8, **blocks}
 
 
 def _inverse_norms(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

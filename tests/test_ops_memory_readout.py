@@ -214,3 +214,17 @@ def test_opcheck(gen):
     torch.library.opcheck(torch.ops.dmgrd.memory_readout.default, (query, bank, 0.2))
     out, lse, norm = torch.ops.dmgrd.memory_readout(query, bank, 0.2)
     torch.library.opcheck(torch.ops.dmgrd.memory_readout_backward.default, (grad, query, bank, out, lse, norm, 0.2))
+
+
+@needs_ext
+def test_compiles_through_the_autograd_function(gen):
+    query, bank, _ = random_inputs(gen, 30, 20, 16)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def loss(q, b):
+        return ops.memory_readout(q, b, 0.1).square().sum()
+
+    grads = torch.autograd.grad(loss(query.requires_grad_(), bank.requires_grad_()), (query, bank))
+    expected = torch.autograd.grad(ops.memory_readout_reference(query, bank, 0.1).square().sum(), (query, bank))
+    for got, ref in zip(grads, expected):
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
