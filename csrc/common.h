@@ -1,5 +1,6 @@
-// Helpers shared by the CPU and CUDA kernels: argument checks and the Gaussian / bilinear / reflection
-// arithmetic of dmgrd.ops.anomaly_map, written to match its torch reference operation for operation.
+// Helpers shared by the CPU and CUDA kernels: argument checks, the Gaussian / bilinear / reflection
+// arithmetic of dmgrd.ops.anomaly_map (matching its torch reference operation for operation), and the
+// bank-side pieces of dmgrd.ops.memory_readout.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -107,6 +108,9 @@ inline void check_image_score_args(const at::Tensor& map, const std::string& mod
               "dmgrd::image_score: k must be in [1, H*W], got ", k);
 }
 
+// float32 accumulation for every floating dtype but float64.
+inline at::ScalarType accumulation_dtype(at::ScalarType in) { return in == at::kDouble ? at::kDouble : at::kFloat; }
+
 // Greedy k-center order of distances: NaN is the largest value; equal values are not farther (the caller
 // keeps the lower index, as torch.argmax does).
 template <typename acc_t>
@@ -124,11 +128,61 @@ inline void check_coreset_update_args(const at::Tensor& points, const at::Tensor
               "dmgrd::coreset_update: min_dist must be [N], got ", min_dist.sizes());
   TORCH_CHECK(center.scalar_type() == points.scalar_type(),
               "dmgrd::coreset_update: center must share the points' dtype");
-  const auto acc = points.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = accumulation_dtype(points.scalar_type());
   TORCH_CHECK(min_dist.scalar_type() == acc, "dmgrd::coreset_update: min_dist must be ", acc, " for ",
               points.scalar_type(), " points");
   TORCH_CHECK(center.device() == points.device() && min_dist.device() == points.device(),
               "dmgrd::coreset_update: points, center and min_dist must be on one device");
+}
+
+constexpr double kNormEps = 1e-12;  // F.normalize's clamp of the norm
+
+inline void check_memory_readout_args(const at::Tensor& query, const at::Tensor& bank, double temperature) {
+  TORCH_CHECK(query.dim() == 2 && bank.dim() == 2, "dmgrd::memory_readout: query and bank must be 2-D, got ",
+              query.sizes(), " and ", bank.sizes());
+  TORCH_CHECK(query.size(1) == bank.size(1), "dmgrd::memory_readout: query and bank must have the same D, got ",
+              query.size(1), " and ", bank.size(1));
+  TORCH_CHECK(bank.size(0) > 0, "dmgrd::memory_readout: bank has no memory items");
+  TORCH_CHECK(query.scalar_type() == bank.scalar_type() && query.device() == bank.device(),
+              "dmgrd::memory_readout: query and bank must share dtype and device");
+  TORCH_CHECK(query.is_floating_point(), "dmgrd::memory_readout: inputs must be floating point");
+  TORCH_CHECK(temperature > 0, "dmgrd::memory_readout: temperature must be > 0, got ", temperature);
+}
+
+inline void check_memory_readout_backward_args(const at::Tensor& grad_out, const at::Tensor& query,
+                                               const at::Tensor& bank, const at::Tensor& out, const at::Tensor& lse,
+                                               const at::Tensor& query_norm, double temperature) {
+  check_memory_readout_args(query, bank, temperature);
+  TORCH_CHECK(grad_out.sizes() == query.sizes() && out.sizes() == query.sizes(),
+              "dmgrd::memory_readout_backward: grad_out and out must have the query's shape ", query.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() && out.scalar_type() == query.scalar_type(),
+              "dmgrd::memory_readout_backward: grad_out and out must have the query's dtype");
+  const auto acc = accumulation_dtype(query.scalar_type());
+  for (const at::Tensor* row : {&lse, &query_norm}) {
+    TORCH_CHECK(row->dim() == 1 && row->size(0) == query.size(0) && row->scalar_type() == acc,
+                "dmgrd::memory_readout_backward: lse and query_norm must be [N] in ", acc);
+  }
+}
+
+// Per memory item: 1 / max(|m|, eps) and the weight of the norm's own gradient, 1 / |m|^2 where the norm is
+// not clamped and 0 where it is (as F.normalize's clamp_min passes no gradient there).
+struct InverseNorms {
+  at::Tensor inverse, grad_weight;
+};
+
+inline at::Tensor norm_grad_weight(const at::Tensor& norm) {
+  return norm.clamp_min(kNormEps).reciprocal().square_().mul_(norm.ge(kNormEps));
+}
+
+inline InverseNorms inverse_norms(const at::Tensor& rows) {
+  const at::Tensor norm = rows.square().sum(1).sqrt();
+  return {norm.clamp_min(kNormEps).reciprocal(), norm_grad_weight(norm)};
+}
+
+// grad_bank = (partial read-out and key gradients summed) - m * (sum_i dS_ij s_ij) * grad_weight_j.
+inline at::Tensor finish_bank_grad(const at::Tensor& partial, const at::Tensor& score_grad_sum,
+                                   const at::Tensor& bank_acc, const InverseNorms& norms, at::ScalarType dtype) {
+  return (partial - bank_acc * (score_grad_sum * norms.grad_weight).unsqueeze(1)).to(dtype);
 }
 
 }  // namespace dmgrd

@@ -9,6 +9,9 @@ TORCH_LIBRARY(dmgrd, m) {
   m.def("cosine_kd_loss_forward(Tensor[] teacher, Tensor[] student, str reduction) -> (Tensor, Tensor)");
   m.def("cosine_kd_loss_backward(Tensor grad, Tensor[] teacher, Tensor[] student, Tensor coeffs, str reduction, "
         "bool teacher_grad) -> (Tensor[], Tensor[])");
+  m.def("memory_readout(Tensor query, Tensor bank, float temperature) -> (Tensor, Tensor, Tensor)");
+  m.def("memory_readout_backward(Tensor grad_out, Tensor query, Tensor bank, Tensor out, Tensor lse, "
+        "Tensor query_norm, float temperature) -> (Tensor, Tensor)");
 }
 
 // `import dmgrd._C` loads the library, which runs the registrations above; it has no Python functions.

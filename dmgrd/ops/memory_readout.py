@@ -1,22 +1,99 @@
-"""Soft read-out of a memory bank: cosine attention of each query over the memory items."""
+"""Soft read-out of a memory bank: cosine attention of each query over the memory items.
+
+The fast paths (C++/CUDA extension, Triton) work like flash attention: tiles of queries meet tiles of
+memory items, the softmax is computed online (running maximum and sum) and the ``[N, M]`` attention matrix
+never exists. Scores use the raw inputs, ``s_ij = <q_i, m_j> / (|q_i| |m_j| T)`` (norms clamped at
+``NORM_EPS`` as :func:`torch.nn.functional.normalize` does). The forward pass keeps each query's
+logsumexp and norm; backward recomputes the attention from them (flash-attention 2) and returns the
+gradients for the queries and for the bank, which enters both as keys (normalised) and as values (raw).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from dmgrd import _extension
 from dmgrd.ops._dispatch import Op
 from dmgrd.ops.memory_nearest import check_query_bank
 
+NORM_EPS = 1e-12  # F.normalize's default
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 def memory_readout_reference(query: torch.Tensor, bank: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Pure-torch definition of :func:`memory_readout` (differentiable, no input checks)."""
-    scores = F.normalize(query.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
+    """Pure-torch definition of :func:`memory_readout` (differentiable, no input checks), accumulated in
+    float32 (float64 for float64 inputs)."""
+    acc = accumulation_dtype(query.dtype)
+    scores = F.normalize(query.to(acc), dim=1, eps=NORM_EPS) @ F.normalize(bank.to(acc), dim=1, eps=NORM_EPS).T
     weights = torch.softmax(scores / temperature, dim=1)
-    return (weights @ bank.float()).to(query.dtype)
+    return (weights @ bank.to(acc)).to(query.dtype)
 
 
-OP = Op("memory_readout", reference=memory_readout_reference)
+class Kernels(NamedTuple):
+    """A backend's two kernels.
+
+    ``forward(query, bank, temperature) -> (out, lse, query_norm)`` and
+    ``backward(grad_out, query, bank, out, lse, query_norm, temperature) -> (grad_query, grad_bank)``;
+    ``lse`` and ``query_norm`` are per-query rows in the accumulation dtype.
+    """
+
+    forward: Callable
+    backward: Callable
+
+
+class _MemoryReadout(torch.autograd.Function):
+    """Autograd of a fast backend: its forward kernel, and its backward kernel recomputing from the lse."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, bank: torch.Tensor, temperature: float, kernels: Kernels):
+        out, lse, query_norm = kernels.forward(query, bank, temperature)
+        ctx.save_for_backward(query, bank, out, lse, query_norm)
+        ctx.temperature, ctx.kernels = temperature, kernels
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_query, grad_bank = ctx.kernels.backward(grad_out, *ctx.saved_tensors, ctx.temperature)
+        return grad_query, grad_bank, None, None
+
+
+def _ext_forward(query, bank, temperature):
+    return torch.ops.dmgrd.memory_readout(query, bank, temperature)
+
+
+def _ext_backward(grad_out, query, bank, out, lse, query_norm, temperature):
+    return torch.ops.dmgrd.memory_readout_backward(grad_out, query, bank, out, lse, query_norm, temperature)
+
+
+EXT_KERNELS = Kernels(_ext_forward, _ext_backward)
+
+
+def _ext_memory_readout(query, bank, temperature):
+    return _MemoryReadout.apply(query, bank, temperature, EXT_KERNELS)
+
+
+def _triton_memory_readout(query, bank, temperature):
+    from dmgrd.kernels.memory_readout import TRITON_KERNELS
+
+    return _MemoryReadout.apply(query, bank, temperature, TRITON_KERNELS)
+
+
+OP = Op(
+    "memory_readout",
+    reference=memory_readout_reference,
+    ext=_ext_memory_readout,
+    triton=_triton_memory_readout,
+    differentiable=True,
+)
 
 
 def memory_readout(query: torch.Tensor, bank: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -33,6 +110,21 @@ def memory_readout(query: torch.Tensor, bank: torch.Tensor, temperature: float =
     check_query_bank(query, bank)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if query.shape[0] == 0:
-        return query.new_empty((0, bank.shape[1]))
+    if query.numel() == 0:  # no queries or no features: nothing for a kernel to do
+        return memory_readout_reference(query, bank, float(temperature))
     return OP([query, bank], query, bank, float(temperature))
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("dmgrd::memory_readout")
+    def _(query, bank, temperature):
+        rows = query.new_empty((query.shape[0],), dtype=accumulation_dtype(query.dtype))
+        return query.new_empty(query.shape), rows, torch.empty_like(rows)
+
+    @torch.library.register_fake("dmgrd::memory_readout_backward")
+    def _(grad_out, query, bank, out, lse, query_norm, temperature):
+        return query.new_empty(query.shape), bank.new_empty(bank.shape)
+
+
+if _extension.loaded():
+    _register_fake()
