@@ -5,6 +5,9 @@
 TORCH_LIBRARY(dmgrd, m) {
   m.def("anomaly_map(Tensor[] teacher, Tensor[] student, int[2] out_size, str reduce, float sigma) -> Tensor");
   m.def("image_score(Tensor anomaly_map, str mode, int k) -> Tensor");
+  m.def("memory_nearest(Tensor query, Tensor bank, int k, str metric) -> (Tensor, Tensor)");
+  m.def("dual_memory_margin(Tensor query, Tensor normal_bank, Tensor abnormal_bank, float margin, str metric) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import dmgrd._C` loads the library, which runs the registrations above; it has no Python functions.
