@@ -7,7 +7,6 @@ two-bank mode of :mod:`dmgrd.kernels.memory_nearest`.
 from __future__ import annotations
 
 import torch
-
 from dmgrd.kernels.memory_nearest import nearest_search_triton
 
 

@@ -32,7 +32,7 @@ KEY_MAX: tl.constexpr = tl.constexpr(2**63 - 1)  # empty top-k slots hold KEY_MA
 MAX_ITEMS = 2**31 - 1  # an item index is an int32 in the low half of a key
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _config(device_index: int | None) -> dict:
     """Block sizes and the parallelism to aim for (tiny under the interpreter, so tests reach every path)."""
     if device_index is None:  # the interpreter: small tiles, splits and split-D already on tiny inputs
@@ -97,7 +97,7 @@ def _pack(d, index):
     """int64 keys ordered as (distance, index) with NaN after every number (and -0.0 equal to +0.0)."""
     bits = tl.where(d == 0.0, 0.0, d).to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = tl.where(d != d, 0x7FFFFFFF, key)
+    key = tl.where(d != d, 0x7FFFFFFF, key)  # noqa: PLR0124 (NaN test)
     return (key.to(tl.int64) << 32) | index.to(tl.int64)
 
 

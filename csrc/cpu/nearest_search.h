@@ -28,6 +28,7 @@ constexpr int64_t kQueryBlock = 256;     // most queries per task
 constexpr int64_t kItemTile = 1024;      // memory items per at::mm tile
 constexpr int64_t kDepthChunk = 16384;   // columns per partial product on the wide path
 constexpr int64_t kWideEntries = 65536;  // the wide path keeps N x (all items) partial products per chunk
+constexpr int64_t kParallelWork = 1 << 22;  // multiply-adds below which one thread does the whole search
 
 // dist [banks, N, k] in the accumulation dtype and index [banks, N, k] int64, nearest first.
 struct Result {
@@ -82,8 +83,8 @@ template <typename acc_t, Metric metric>
 class Search {
  public:
   Search(const at::Tensor& query, at::TensorList banks, int64_t k)
-      : query_(unit_column_stride(query)), k_(k), n_(query.size(0)), depth_(query.size(1)) {
-    for (const at::Tensor& b : banks) banks_.push_back(unit_column_stride(b));
+      : query_(unit_column_stride(query.detach())), k_(k), n_(query.size(0)), depth_(query.size(1)) {
+    for (const at::Tensor& b : banks) banks_.push_back(unit_column_stride(b.detach()));
     const auto options = query.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     const int64_t nb = static_cast<int64_t>(banks_.size());
     result_ = {at::empty({nb, n_, k}, options), at::empty({nb, n_, k}, options.dtype(at::kLong))};
@@ -117,7 +118,8 @@ class Search {
       terms.emplace_back(items.back().size(0));
       acc_t* t = terms.back().data();
       const at::Tensor& bank = items.back();
-      at::parallel_for(0, bank.size(0), 256, [&](int64_t begin, int64_t end) {
+      const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, depth_));
+      at::parallel_for(0, bank.size(0), grain, [&](int64_t begin, int64_t end) {
         row_squares<acc_t>(bank.narrow(0, begin, end - begin), t + begin);
         for (int64_t i = begin; i < end; ++i) t[i] = row_term(metric, t[i]);
       });
@@ -125,7 +127,9 @@ class Search {
         tiles.push_back({static_cast<int64_t>(b), m, std::min(kItemTile, bank.size(0) - m)});
       }
     }
-    const int64_t threads = at::get_num_threads();
+    int64_t items_total = 0;
+    for (const at::Tensor& b : items) items_total += b.size(0);
+    const int64_t threads = n_ * items_total * depth_ < kParallelWork ? 1 : at::get_num_threads();
     const int64_t blocks = (n_ + kQueryBlock - 1) / kQueryBlock;
     const int64_t rows_per_block = (n_ + blocks - 1) / blocks;
     const int64_t ntiles = static_cast<int64_t>(tiles.size());
@@ -138,7 +142,8 @@ class Search {
     acc_t* part_dist = parts.dist.mutable_data_ptr<acc_t>();
     int64_t* part_index = parts.index.mutable_data_ptr<int64_t>();
 
-    at::parallel_for(0, blocks * splits, 1, [&](int64_t task_begin, int64_t task_end) {
+    at::parallel_for(0, blocks * splits, threads == 1 ? blocks * splits : 1, [&](int64_t task_begin, int64_t task_end) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads do not inherit it
       at::Tensor dots = at::empty({rows_per_block * kItemTile}, result_.dist.options());
       std::vector<acc_t> query_terms(rows_per_block);
       for (int64_t task = task_begin; task < task_end; ++task) {
@@ -193,6 +198,7 @@ class Search {
     const int64_t per_chunk = n_ * items + n_ + items;  // products [bank][N][M_b], query squares, item squares
     std::vector<acc_t> partial(chunks * per_chunk);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads do not inherit it
       for (int64_t c = begin; c < end; ++c) {
         const int64_t c0 = c * kDepthChunk, width = std::min(kDepthChunk, depth_ - c0);
         acc_t* out = partial.data() + c * per_chunk;

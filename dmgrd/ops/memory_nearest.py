@@ -10,7 +10,6 @@ backend ranks like ``torch.sort(stable=True)``: equal distances by the lower ind
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dmgrd import _extension
 from dmgrd.ops._dispatch import BackendUnavailableError, Op, requested_backend
@@ -26,13 +25,15 @@ _CHUNK_ELEMENTS = 1 << 24  # distance-matrix entries per chunk of queries in the
 def pairwise_distance_reference(query: torch.Tensor, bank: torch.Tensor, metric: str) -> torch.Tensor:
     """Full ``[N, M]`` distance matrix, accumulated in float32 (float64 for float64 inputs).
 
-    ``"l2"``: ``max(|q|^2 + |m|^2 - 2 <q, m>, 0)``; ``"cosine"``: ``1 - <q/|q|, m/|m|>`` with norms
-    clamped at 1e-12 as :func:`torch.nn.functional.normalize` does.
+    ``"l2"``: ``max(|q|^2 + |m|^2 - 2 <q, m>, 0)``; ``"cosine"``: ``1 - <q, m> / (|q| |m|)`` with norms
+    clamped at 1e-12 as :func:`torch.nn.functional.normalize` does. Both scale the raw products ``<q, m>``,
+    so equal items give bit-equal distances whenever the products are exact (every backend computes them so).
     """
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, m = query.to(acc), bank.to(acc)
     if metric == "cosine":
-        return 1 - F.normalize(q, dim=1, eps=COSINE_EPS) @ F.normalize(m, dim=1, eps=COSINE_EPS).T
+        inv_q, inv_m = (1 / torch.linalg.vector_norm(x, dim=1).clamp_min(COSINE_EPS) for x in (q, m))
+        return 1 - (q @ m.T) * inv_q[:, None] * inv_m
     return (q.square().sum(1, keepdim=True) + m.square().sum(1) - 2 * q @ m.T).clamp_min(0)
 
 
