@@ -16,6 +16,7 @@ from dmgrd.ops.memory_nearest import (
     COSINE_EPS,
     check_metric,
     check_query_bank,
+    inverse_norms,
     memory_nearest_reference,
 )
 
@@ -25,7 +26,7 @@ def _distance_to(query: torch.Tensor, items: torch.Tensor, metric: str) -> torch
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, m = query.to(acc), items.to(acc)
     if metric == "cosine":
-        return 1 - torch.nn.functional.cosine_similarity(q, m, dim=1, eps=COSINE_EPS)
+        return 1 - (q * m).sum(1) * inverse_norms(q) * inverse_norms(m)
     return (q.square().sum(1) + m.square().sum(1) - 2 * (q * m).sum(1)).clamp_min(0)
 
 

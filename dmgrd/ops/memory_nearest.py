@@ -22,6 +22,11 @@ FAST_K_MAX = 16
 _CHUNK_ELEMENTS = 1 << 24  # distance-matrix entries per chunk of queries in the reference
 
 
+def inverse_norms(rows: torch.Tensor) -> torch.Tensor:
+    """``1 / max(|row|, 1e-12)`` of every row of a 2-D tensor."""
+    return 1 / torch.linalg.vector_norm(rows, dim=1).clamp_min(COSINE_EPS)
+
+
 def pairwise_distance_reference(query: torch.Tensor, bank: torch.Tensor, metric: str) -> torch.Tensor:
     """Full ``[N, M]`` distance matrix, accumulated in float32 (float64 for float64 inputs).
 
@@ -32,8 +37,7 @@ def pairwise_distance_reference(query: torch.Tensor, bank: torch.Tensor, metric:
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, m = query.to(acc), bank.to(acc)
     if metric == "cosine":
-        inv_q, inv_m = (1 / torch.linalg.vector_norm(x, dim=1).clamp_min(COSINE_EPS) for x in (q, m))
-        return 1 - (q @ m.T) * inv_q[:, None] * inv_m
+        return 1 - (q @ m.T) * inverse_norms(q)[:, None] * inverse_norms(m)
     return (q.square().sum(1, keepdim=True) + m.square().sum(1) - 2 * q @ m.T).clamp_min(0)
 
 
@@ -50,29 +54,24 @@ def memory_nearest_reference(query: torch.Tensor, bank: torch.Tensor, k: int = 1
     return torch.cat(dists).to(query.dtype), torch.cat(indices)
 
 
-def gpu_fallback(op: str, backend: str, reason: str, reference, *args):
-    """Run ``reference(*args)`` for a call a GPU kernel cannot take, or raise when ``backend`` was forced."""
+def _beyond_fast_k(backend: str, query, bank, k, metric):
+    """The reference for a ``k`` above :data:`FAST_K_MAX`, or an error when ``backend`` was forced."""
     if requested_backend() == backend:
-        raise BackendUnavailableError(f"dmgrd.ops.{op}: backend {backend!r} was forced but cannot run this call: "
-                                      f"{reason}")
-    return reference(*args)
-
-
-def _fast_k_reason(k: int) -> str:
-    return f"k={k} is above the {FAST_K_MAX} neighbours its kernel keeps in registers"
+        raise BackendUnavailableError(
+            f"dmgrd.ops.memory_nearest: backend {backend!r} was forced but cannot run this call: k={k} is above "
+            f"the {FAST_K_MAX} neighbours its GPU kernel keeps in registers")
+    return memory_nearest_reference(query, bank, k, metric)
 
 
 def _ext_memory_nearest(query, bank, k, metric):
     if query.is_cuda and k > FAST_K_MAX:
-        return gpu_fallback("memory_nearest", "ext", _fast_k_reason(k), memory_nearest_reference, query, bank, k,
-                            metric)
+        return _beyond_fast_k("ext", query, bank, k, metric)
     return torch.ops.dmgrd.memory_nearest(query, bank, k, metric)
 
 
 def _triton_memory_nearest(query, bank, k, metric):
     if k > FAST_K_MAX:
-        return gpu_fallback("memory_nearest", "triton", _fast_k_reason(k), memory_nearest_reference, query, bank,
-                            k, metric)
+        return _beyond_fast_k("triton", query, bank, k, metric)
     from dmgrd.kernels.memory_nearest import memory_nearest_triton
 
     return memory_nearest_triton(query, bank, k, metric)
