@@ -138,11 +138,15 @@ class Search {
     const int64_t nb = static_cast<int64_t>(banks_.size());
     // One running top-k per (split, bank, query); split 0 writes straight into the result.
     Result parts = result_;
-    if (splits > 1) parts = {at::empty({splits * nb, n_, k_}, result_.dist.options()), at::empty({splits * nb, n_, k_}, result_.index.options())};
+    if (splits > 1) {
+      parts = {at::empty({splits * nb, n_, k_}, result_.dist.options()),
+               at::empty({splits * nb, n_, k_}, result_.index.options())};
+    }
     acc_t* part_dist = parts.dist.mutable_data_ptr<acc_t>();
     int64_t* part_index = parts.index.mutable_data_ptr<int64_t>();
 
-    at::parallel_for(0, blocks * splits, threads == 1 ? blocks * splits : 1, [&](int64_t task_begin, int64_t task_end) {
+    const int64_t tasks = blocks * splits;
+    at::parallel_for(0, tasks, threads == 1 ? tasks : 1, [&](int64_t task_begin, int64_t task_end) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads do not inherit it
       at::Tensor dots = at::empty({rows_per_block * kItemTile}, result_.dist.options());
       std::vector<acc_t> query_terms(rows_per_block);
@@ -153,7 +157,9 @@ class Search {
         row_squares<acc_t>(q, query_terms.data());
         for (int64_t r = 0; r < rows; ++r) query_terms[r] = row_term(metric, query_terms[r]);
         const int64_t offset = (split * nb * n_ + r0) * k_;
-        for (int64_t b = 0; b < nb; ++b) topk_reset(part_dist + offset + b * n_ * k_, part_index + offset + b * n_ * k_, rows * k_);
+        for (int64_t b = 0; b < nb; ++b) {
+          topk_reset(part_dist + offset + b * n_ * k_, part_index + offset + b * n_ * k_, rows * k_);
+        }
         const int64_t t_end = std::min(ntiles, (split + 1) * tiles_per_split);
         for (int64_t t = split * tiles_per_split; t < t_end; ++t) {
           const Tile tile = tiles[t];

@@ -312,7 +312,8 @@ Result search_typed(const at::Tensor& query, const std::vector<at::Tensor>& bank
   splits = ceil_div(tiles, tiles_per_split);
   Result parts = result;
   if (splits > 1) {
-    parts = {at::empty({splits * nbanks, n, k}, acc_options), at::empty({splits * nbanks, n, k}, result.index.options())};
+    parts = {at::empty({splits * nbanks, n, k}, acc_options),
+             at::empty({splits * nbanks, n, k}, result.index.options())};
   }
   const dim3 grid(grid_dim(qblocks, "search"), grid_yz(splits, "search"));
   search_kernel<scalar_t, acc_t, metric><<<grid, kThreads, 0, stream>>>(
