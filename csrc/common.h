@@ -7,7 +7,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #ifdef __CUDACC__
@@ -183,6 +185,99 @@ inline InverseNorms inverse_norms(const at::Tensor& rows) {
 inline at::Tensor finish_bank_grad(const at::Tensor& partial, const at::Tensor& score_grad_sum,
                                    const at::Tensor& bank_acc, const InverseNorms& norms, at::ScalarType dtype) {
   return (partial - bank_acc * (score_grad_sum * norms.grad_weight).unsqueeze(1)).to(dtype);
+}
+
+// ---- memory_nearest / dual_memory_margin: distances, ranking and argument checks ----
+
+enum class Metric : int { L2 = 0, Cosine = 1 };
+
+inline Metric parse_metric(const std::string& metric, const char* op) {
+  if (metric == "l2") return Metric::L2;
+  TORCH_CHECK(metric == "cosine", "dmgrd::", op, ": metric must be l2 or cosine, got ", metric);
+  return Metric::Cosine;
+}
+
+DMGRD_HOST_DEVICE inline float nearest_sqrt(float x) { return sqrtf(x); }
+DMGRD_HOST_DEVICE inline double nearest_sqrt(double x) { return sqrt(x); }
+
+// Per-row term of a distance from the row's sum of squares: itself (l2) or 1 / max(norm, eps) (cosine).
+template <typename acc_t>
+DMGRD_HOST_DEVICE inline acc_t row_term(Metric metric, acc_t squares) {
+  if (metric == Metric::L2) return squares;
+  const acc_t norm = nearest_sqrt(squares);
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+  return acc_t(1) / (norm < eps ? eps : norm);
+}
+
+// l2: max(|q|^2 + |m|^2 - 2 <q, m>, 0); cosine: 1 - <q, m> / (|q| |m|). NaN stays NaN.
+template <Metric metric, typename acc_t>
+DMGRD_HOST_DEVICE inline acc_t item_distance(acc_t dot, acc_t query_term, acc_t item_term) {
+  if (metric == Metric::L2) {
+    const acc_t d = query_term + item_term - acc_t(2) * dot;
+    return d < acc_t(0) ? acc_t(0) : d;
+  }
+  return acc_t(1) - dot * query_term * item_term;
+}
+
+// The ranking of every backend (torch.sort(stable=True) of the distances): smaller distance first, NaN
+// after everything else, equal distances (or two NaN) by the lower index.
+template <typename acc_t>
+DMGRD_HOST_DEVICE inline bool ranks_before(acc_t d1, int64_t i1, acc_t d2, int64_t i2) {
+  if (d1 < d2) return true;
+  const bool nan1 = d1 != d1, nan2 = d2 != d2;
+  if (d1 == d2 || (nan1 && nan2)) return i1 < i2;
+  return nan2 && !nan1;
+}
+
+// Running top-k kept sorted in dist[0..k) / index[0..k); empty slots hold (NaN, INT64_MAX), which rank last.
+template <typename acc_t>
+DMGRD_HOST_DEVICE inline void topk_reset(acc_t* dist, int64_t* index, int64_t k) {
+  for (int64_t s = 0; s < k; ++s) {
+    dist[s] = std::numeric_limits<acc_t>::quiet_NaN();
+    index[s] = INT64_MAX;
+  }
+}
+
+// Inserts (d, i) when it ranks before the current k-th entry.
+template <typename acc_t>
+DMGRD_HOST_DEVICE inline void topk_push(acc_t* dist, int64_t* index, int64_t k, acc_t d, int64_t i) {
+  if (!ranks_before(d, i, dist[k - 1], index[k - 1])) return;
+  int64_t s = k - 1;
+  for (; s > 0 && ranks_before(d, i, dist[s - 1], index[s - 1]); --s) {
+    dist[s] = dist[s - 1];
+    index[s] = index[s - 1];
+  }
+  dist[s] = d;
+  index[s] = i;
+}
+
+inline void check_nearest_args(const char* op, const at::Tensor& query, const at::Tensor& bank, int64_t k) {
+  TORCH_CHECK(query.dim() == 2 && bank.dim() == 2, "dmgrd::", op, ": query and bank must be 2-D [rows, D], got ",
+              query.sizes(), " and ", bank.sizes());
+  TORCH_CHECK(query.size(1) == bank.size(1), "dmgrd::", op, ": query and bank feature sizes differ: ",
+              query.size(1), " and ", bank.size(1));
+  TORCH_CHECK(query.scalar_type() == bank.scalar_type() && query.is_floating_point(), "dmgrd::", op,
+              ": query and bank must share one floating dtype");
+  TORCH_CHECK(query.device() == bank.device(), "dmgrd::", op, ": query and bank must be on one device");
+  TORCH_CHECK(k >= 1 && k <= bank.size(0), "dmgrd::", op, ": k must be in [1, bank rows], got ", k);
+}
+
+inline void check_dual_memory_margin_args(const at::Tensor& query, const at::Tensor& normal_bank,
+                                          const at::Tensor& abnormal_bank, double margin) {
+  check_nearest_args("dual_memory_margin", query, normal_bank, 1);
+  check_nearest_args("dual_memory_margin", query, abnormal_bank, 1);
+  TORCH_CHECK(margin >= 0, "dmgrd::dual_memory_margin: margin must be >= 0, got ", margin);
+}
+
+using DualMarginOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// (d_normal, d_abnormal, index_normal, index_abnormal, relu(d_normal - d_abnormal + margin)) from the nearest
+// item of each bank: dist [2, N, 1] (accumulation dtype), index [2, N, 1]; distances cast to `dtype`.
+inline DualMarginOutputs dual_margin_outputs(const at::Tensor& dist, const at::Tensor& index, double margin,
+                                             at::ScalarType dtype) {
+  const at::Tensor d = dist.select(2, 0), i = index.select(2, 0);
+  const at::Tensor hinge = at::relu(d[0] - d[1] + margin);
+  return {d[0].to(dtype, false, true), d[1].to(dtype, false, true), i[0].clone(), i[1].clone(), hinge.to(dtype)};
 }
 
 }  // namespace dmgrd

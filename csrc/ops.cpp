@@ -12,6 +12,9 @@ TORCH_LIBRARY(dmgrd, m) {
   m.def("memory_readout(Tensor query, Tensor bank, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def("memory_readout_backward(Tensor grad_out, Tensor query, Tensor bank, Tensor out, Tensor lse, "
         "Tensor query_norm, float temperature) -> (Tensor, Tensor)");
+  m.def("memory_nearest(Tensor query, Tensor bank, int k, str metric) -> (Tensor, Tensor)");
+  m.def("dual_memory_margin(Tensor query, Tensor normal_bank, Tensor abnormal_bank, float margin, str metric) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import dmgrd._C` loads the library, which runs the registrations above; it has no Python functions.

@@ -1,11 +1,24 @@
-"""Nearest item in a normal and an abnormal memory bank, and the margin hinge between the two distances."""
+"""Nearest item in a normal and an abnormal memory bank, and the margin hinge between the two distances.
+
+The fast paths search both banks in one pass (the C++/CUDA/Triton searches of :mod:`dmgrd.ops.memory_nearest`
+with two banks and k = 1) and share one autograd function whose backward applies the distance gradients
+(l2: ``2 (q - m)``; cosine: ``(cos q / |q| - m / |m|) / |q|``) at the gathered nearest items.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from dmgrd import _extension
 from dmgrd.ops._dispatch import Op
-from dmgrd.ops.memory_nearest import check_metric, check_query_bank, memory_nearest_reference
+from dmgrd.ops.memory_nearest import (
+    COSINE_EPS,
+    check_metric,
+    check_query_bank,
+    inverse_norms,
+    memory_nearest_reference,
+)
 
 
 def _distance_to(query: torch.Tensor, items: torch.Tensor, metric: str) -> torch.Tensor:
@@ -13,7 +26,7 @@ def _distance_to(query: torch.Tensor, items: torch.Tensor, metric: str) -> torch
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, m = query.to(acc), items.to(acc)
     if metric == "cosine":
-        return 1 - torch.nn.functional.cosine_similarity(q, m, dim=1, eps=1e-12)
+        return 1 - (q * m).sum(1) * inverse_norms(q) * inverse_norms(m)
     return (q.square().sum(1) + m.square().sum(1) - 2 * (q * m).sum(1)).clamp_min(0)
 
 
@@ -30,7 +43,69 @@ def dual_memory_margin_reference(query: torch.Tensor, normal_bank: torch.Tensor,
     return d_n.to(query.dtype), d_a.to(query.dtype), index_n, index_a, hinge.to(query.dtype)
 
 
-OP = Op("dual_memory_margin", reference=dual_memory_margin_reference)
+def _distance_grad(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
+    """Row-wise gradient of ``distance(x, y)`` with respect to ``x`` (rows of ``x`` and ``y`` paired)."""
+    if metric == "l2":
+        return 2 * (x - y)
+    nx = x.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
+    ny = y.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
+    cos = (x * y).sum(1, keepdim=True) / (nx * ny)
+    return (cos * x / nx - y / ny) / nx
+
+
+class _DualMemoryMargin(torch.autograd.Function):
+    """A fast search forward (``search`` = the ext or Triton kernel); backward at the gathered nearest items."""
+
+    @staticmethod
+    def forward(ctx, search, query, normal_bank, abnormal_bank, margin, metric):
+        d_n, d_a, index_n, index_a, hinge = search(query, normal_bank, abnormal_bank, margin, metric)
+        ctx.save_for_backward(query, normal_bank, abnormal_bank, index_n, index_a, hinge)
+        ctx.metric = metric
+        ctx.mark_non_differentiable(index_n, index_a)
+        return d_n, d_a, index_n, index_a, hinge
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_n, grad_a, _grad_index_n, _grad_index_a, grad_hinge):
+        query, normal_bank, abnormal_bank, index_n, index_a, hinge = ctx.saved_tensors
+        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        q = query.to(acc)
+        active = (hinge > 0).to(acc) * grad_hinge.to(acc)  # relu passes the gradient where the hinge is > 0
+        banks, indices = (normal_bank, abnormal_bank), (index_n, index_a)
+        items = [bank[index].to(acc) for bank, index in zip(banks, indices)]
+        coefs = [(grad_n.to(acc) + active)[:, None], (grad_a.to(acc) - active)[:, None]]
+        grad_query = None
+        if ctx.needs_input_grad[1]:
+            grad_query = sum(c * _distance_grad(q, m, ctx.metric) for c, m in zip(coefs, items)).to(query.dtype)
+        grad_banks = [
+            torch.zeros_like(bank, dtype=acc).index_add_(0, index, c * _distance_grad(m, q, ctx.metric)).to(bank.dtype)
+            if ctx.needs_input_grad[2 + i] else None
+            for i, (bank, index, c, m) in enumerate(zip(banks, indices, coefs, items))
+        ]
+        return None, grad_query, *grad_banks, None, None
+
+
+def _ext_search(query, normal_bank, abnormal_bank, margin, metric):
+    return torch.ops.dmgrd.dual_memory_margin(query, normal_bank, abnormal_bank, margin, metric)
+
+
+def _triton_search(query, normal_bank, abnormal_bank, margin, metric):
+    from dmgrd.kernels.dual_memory_margin import dual_memory_margin_triton
+
+    return dual_memory_margin_triton(query, normal_bank, abnormal_bank, margin, metric)
+
+
+def _ext_dual_memory_margin(query, normal_bank, abnormal_bank, margin, metric):
+    return _DualMemoryMargin.apply(_ext_search, query, normal_bank, abnormal_bank, margin, metric)
+
+
+def _triton_dual_memory_margin(query, normal_bank, abnormal_bank, margin, metric):
+    return _DualMemoryMargin.apply(_triton_search, query, normal_bank, abnormal_bank, margin, metric)
+
+
+# Triton first on CUDA: tl.dot tiles use tensor cores, the CUDA kernel is a plain shared-memory tiling.
+OP = Op("dual_memory_margin", reference=dual_memory_margin_reference, ext=_ext_dual_memory_margin,
+        triton=_triton_dual_memory_margin, cuda_order=("triton", "ext"), differentiable=True)
 
 
 def dual_memory_margin(query: torch.Tensor, normal_bank: torch.Tensor, abnormal_bank: torch.Tensor,
@@ -44,8 +119,10 @@ def dual_memory_margin(query: torch.Tensor, normal_bank: torch.Tensor, abnormal_
         metric: ``"l2"`` (squared Euclidean) or ``"cosine"`` (1 - cosine similarity).
 
     Returns:
-        ``(d_normal [N], d_abnormal [N], index_normal [N], index_abnormal [N], hinge [N])``; the distances
-        and the hinge are differentiable with respect to ``query`` (the banks are constants).
+        ``(d_normal [N], d_abnormal [N], index_normal [N], index_abnormal [N], hinge [N])``: distances and
+        hinge in the query's dtype (accumulated in float32), int64 indices (ties to the lower index). The
+        distances and the hinge are differentiable with respect to ``query`` (and to the banks, through the
+        selected items), in every backend.
     """
     check_query_bank(query, normal_bank, "normal_bank")
     check_query_bank(query, abnormal_bank, "abnormal_bank")
@@ -55,4 +132,17 @@ def dual_memory_margin(query: torch.Tensor, normal_bank: torch.Tensor, abnormal_
     if query.shape[0] == 0:
         empty, none = query.new_empty((0,)), torch.empty((0,), dtype=torch.long, device=query.device)
         return empty, empty, none, none, empty
-    return OP([query], query, normal_bank, abnormal_bank, float(margin), metric)
+    return OP([query, normal_bank, abnormal_bank], query, normal_bank, abnormal_bank, float(margin), metric)
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("dmgrd::dual_memory_margin")
+    def _(query, normal_bank, abnormal_bank, margin, metric):
+        rows = query.shape[0]
+        index = query.new_empty((rows,), dtype=torch.long)
+        return (query.new_empty((rows,)), query.new_empty((rows,)), index, torch.empty_like(index),
+                query.new_empty((rows,)))
+
+
+if _extension.loaded():
+    _register_fake()

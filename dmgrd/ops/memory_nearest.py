@@ -1,26 +1,43 @@
-"""Exact k-nearest memory items for each query (squared L2 or cosine distance), ties to the lowest index."""
+"""Exact k-nearest memory items for each query (squared L2 or cosine distance), ties to the lowest index.
+
+:func:`memory_nearest_reference` is the definition. The fast paths never build the ``N x M`` distance matrix:
+the C++ CPU kernel runs BLAS tiles (``at::mm``) with the norm add and a running top-k fused over each tile, the
+CUDA kernel shared-memory tiles with a per-query running top-k, the Triton kernel ``tl.dot`` tiles with a top-k
+in registers; for few queries and items but a huge ``D`` (image-level search) they split ``D`` instead. Every
+backend ranks like ``torch.sort(stable=True)``: equal distances by the lower index, NaN last.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from dmgrd.ops._dispatch import Op
+from dmgrd import _extension
+from dmgrd.ops._dispatch import BackendUnavailableError, Op, requested_backend
 
 METRICS = ("l2", "cosine")
+COSINE_EPS = 1e-12  # norms are clamped here, as torch.nn.functional.normalize does
+# The CUDA and Triton kernels keep the running top-k in registers; beyond this k they hand the call to the
+# reference (or raise BackendUnavailableError when the backend was forced). The CPU kernel takes any k.
+FAST_K_MAX = 16
 _CHUNK_ELEMENTS = 1 << 24  # distance-matrix entries per chunk of queries in the reference
+
+
+def inverse_norms(rows: torch.Tensor) -> torch.Tensor:
+    """``1 / max(|row|, 1e-12)`` of every row of a 2-D tensor."""
+    return 1 / torch.linalg.vector_norm(rows, dim=1).clamp_min(COSINE_EPS)
 
 
 def pairwise_distance_reference(query: torch.Tensor, bank: torch.Tensor, metric: str) -> torch.Tensor:
     """Full ``[N, M]`` distance matrix, accumulated in float32 (float64 for float64 inputs).
 
-    ``"l2"``: ``max(|q|^2 + |m|^2 - 2 <q, m>, 0)``; ``"cosine"``: ``1 - <q/|q|, m/|m|>`` with norms
-    clamped at 1e-12 as :func:`torch.nn.functional.normalize` does.
+    ``"l2"``: ``max(|q|^2 + |m|^2 - 2 <q, m>, 0)``; ``"cosine"``: ``1 - <q, m> / (|q| |m|)`` with norms
+    clamped at 1e-12 as :func:`torch.nn.functional.normalize` does. Both scale the raw products ``<q, m>``,
+    so equal items give bit-equal distances whenever the products are exact (every backend computes them so).
     """
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, m = query.to(acc), bank.to(acc)
     if metric == "cosine":
-        return 1 - F.normalize(q, dim=1) @ F.normalize(m, dim=1).T
+        return 1 - (q @ m.T) * inverse_norms(q)[:, None] * inverse_norms(m)
     return (q.square().sum(1, keepdim=True) + m.square().sum(1) - 2 * q @ m.T).clamp_min(0)
 
 
@@ -37,7 +54,32 @@ def memory_nearest_reference(query: torch.Tensor, bank: torch.Tensor, k: int = 1
     return torch.cat(dists).to(query.dtype), torch.cat(indices)
 
 
-OP = Op("memory_nearest", reference=memory_nearest_reference)
+def _beyond_fast_k(backend: str, query, bank, k, metric):
+    """The reference for a ``k`` above :data:`FAST_K_MAX`, or an error when ``backend`` was forced."""
+    if requested_backend() == backend:
+        raise BackendUnavailableError(
+            f"dmgrd.ops.memory_nearest: backend {backend!r} was forced but cannot run this call: k={k} is above "
+            f"the {FAST_K_MAX} neighbours its GPU kernel keeps in registers")
+    return memory_nearest_reference(query, bank, k, metric)
+
+
+def _ext_memory_nearest(query, bank, k, metric):
+    if query.is_cuda and k > FAST_K_MAX:
+        return _beyond_fast_k("ext", query, bank, k, metric)
+    return torch.ops.dmgrd.memory_nearest(query, bank, k, metric)
+
+
+def _triton_memory_nearest(query, bank, k, metric):
+    if k > FAST_K_MAX:
+        return _beyond_fast_k("triton", query, bank, k, metric)
+    from dmgrd.kernels.memory_nearest import memory_nearest_triton
+
+    return memory_nearest_triton(query, bank, k, metric)
+
+
+# Triton first on CUDA: tl.dot tiles use tensor cores, the CUDA kernel is a plain shared-memory tiling.
+OP = Op("memory_nearest", reference=memory_nearest_reference, ext=_ext_memory_nearest,
+        triton=_triton_memory_nearest, cuda_order=("triton", "ext"))
 
 
 def check_query_bank(query: torch.Tensor, bank: torch.Tensor, bank_name: str = "bank") -> None:
@@ -74,7 +116,11 @@ def memory_nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1,
 
     Returns:
         ``(dist [N, k], index [N, k])``: distances in the query's dtype (accumulated in float32) and int64
-        item indices; equal distances are ordered by the lower index, identically in every backend.
+        item indices; equal distances are ordered by the lower index and NaN distances last, identically in
+        every backend.
+
+    The fast paths have no backward: this is a search, meant for ``torch.no_grad()``; inputs that require
+    gradients run the (differentiable) reference. On CUDA, ``k > 16`` also runs the reference.
     """
     check_query_bank(query, bank)
     check_metric(metric)
@@ -83,3 +129,14 @@ def memory_nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1,
     if query.shape[0] == 0:
         return query.new_empty((0, int(k))), torch.empty((0, int(k)), dtype=torch.long, device=query.device)
     return OP([query, bank], query, bank, int(k), metric)
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("dmgrd::memory_nearest")
+    def _(query, bank, k, metric):
+        rows = query.shape[0]
+        return query.new_empty((rows, k)), query.new_empty((rows, k), dtype=torch.long)
+
+
+if _extension.loaded():
+    _register_fake()
