@@ -14,6 +14,12 @@ from dmgrd.ops._dispatch import (
 )
 from dmgrd.ops.anomaly_map import anomaly_map, anomaly_map_reference, gaussian_blur_reference, gaussian_weights
 from dmgrd.ops.dual_memory_margin import dual_memory_margin, dual_memory_margin_reference
+from dmgrd.ops.fuse_pyramid import (
+    channel_pool,
+    channel_pool_reference,
+    fuse_pyramid,
+    fuse_pyramid_reference,
+)
 from dmgrd.ops.image_score import image_score, image_score_reference
 from dmgrd.ops.memory_nearest import memory_nearest, memory_nearest_reference
 from dmgrd.ops.memory_readout import memory_readout, memory_readout_reference
@@ -24,8 +30,12 @@ __all__ = [
     "anomaly_map",
     "anomaly_map_reference",
     "backends",
+    "channel_pool",
+    "channel_pool_reference",
     "dual_memory_margin",
     "dual_memory_margin_reference",
+    "fuse_pyramid",
+    "fuse_pyramid_reference",
     "gaussian_blur_reference",
     "gaussian_weights",
     "image_score",
