@@ -12,13 +12,26 @@
 
 namespace dmgrd {
 
-// Folds `n` values equal to `v` into a running channel maximum and the number of channels that reach it.
-// NaN is the maximum, as in torch.amax; its count is not used.
+// Folds `n` values equal to `v` into a running channel maximum and the number of channels that reach it
+// (NaN is skipped here: see channel_max). Only selects, no conditional floating-point arithmetic, so that
+// the CPU loops vectorise under the default -ftrapping-math.
 template <typename acc_t>
-DMGRD_HOST_DEVICE inline void max_count_update(acc_t& max, acc_t& count, acc_t v, acc_t n) {
-  const bool above = v > max || v != v;
-  count = above ? n : count + (v == max ? n : acc_t(0));
-  max = above ? v : max;
+DMGRD_HOST_DEVICE inline void max_count_update(acc_t& max, int32_t& count, acc_t v, int32_t n) {
+  count = v > max ? n : count + (v == max ? n : 0);
+  max = v > max ? v : max;
+}
+
+// The channel maximum as torch.amax gives it: NaN if a channel is NaN. The running maximum skips NaN, so
+// where the channel sum is NaN (a NaN, or +inf and -inf, among the channels) the channels x[c * stride]
+// are scanned again.
+template <typename scalar_t, typename acc_t>
+DMGRD_HOST_DEVICE inline acc_t channel_max(acc_t max, acc_t sum, const scalar_t* x, int64_t stride, int64_t channels) {
+  if (sum == sum) return max;
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t v = static_cast<acc_t>(x[c * stride]);
+    if (v != v) return v;
+  }
+  return max;
 }
 
 template <typename acc_t>

@@ -230,14 +230,18 @@ def test_pool_ties_split_the_gradient(gen, backend, device):
     check_pool_against_reference(backend, x, torch.randn(2, 2, 5, 4, generator=gen).to(device))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf in the interpreter
 @pytest.mark.parametrize("backend,device", backend_cases("channel_pool", reference_too=True))
-def test_pool_nan_propagates_to_its_pixel_only(gen, backend, device):
+def test_pool_nan_and_infinities(gen, backend, device):
+    """A NaN channel makes both maps NaN at its pixel only; +inf and -inf give max +inf and mean NaN."""
     x = torch.randn(2, 6, 3, 4, generator=gen)
     x[1, 4, 2, 1] = float("nan")
+    x[0, 1, 1, 3], x[0, 5, 1, 3] = float("inf"), float("-inf")
     with ops.use_backend(backend):
         pooled = ops.channel_pool(x.to(device)).cpu()
     assert pooled[1, :, 2, 1].isnan().all()
-    pooled[1, :, 2, 1] = 0
+    assert pooled[0, 0, 1, 3] == float("inf") and pooled[0, 1, 1, 3].isnan()
+    pooled[1, :, 2, 1] = pooled[0, :, 1, 3] = 0
     assert torch.isfinite(pooled).all()
 
 

@@ -35,22 +35,24 @@ struct Dense {
   explicit Dense(const at::Tensor& x) : Dense(x, dense_format(x)) {}
 
   int64_t image() const { return channels * pixels; }
+  // Offset of channel c of pixel p in one image.
+  int64_t offset(int64_t c, int64_t p) const { return channels_last ? p * channels + c : c * pixels + p; }
   at::MemoryFormat format() const {
     return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   }
   at::Tensor empty() const { return dense_like(t); }
 };
 
-// body(i, offset) for every channel and every pixel p0 + i of [p0, p1) of one image, in memory order.
+// body(i, offset(c, p0 + i)) for every channel c and pixel p0 + i of [p0, p1) of one image, in memory order.
 template <typename Body>
 void for_each_element(const Dense& d, int64_t p0, int64_t p1, const Body& body) {
   if (d.channels_last) {
     for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t c = 0; c < d.channels; ++c) body(p - p0, p * d.channels + c);
+      for (int64_t c = 0; c < d.channels; ++c) body(p - p0, d.offset(c, p));
     }
   } else {
     for (int64_t c = 0; c < d.channels; ++c) {
-      for (int64_t p = p0; p < p1; ++p) body(p - p0, c * d.pixels + p);
+      for (int64_t p = p0; p < p1; ++p) body(p - p0, d.offset(c, p));
     }
   }
 }
@@ -78,21 +80,24 @@ void channel_pool_typed(const Dense& x, at::Tensor& pooled, at::Tensor& ties) {
   const int64_t pixels = x.pixels;
   parallel_blocks(x, [&](int64_t b, int64_t p0, int64_t p1) {
     const int64_t n = p1 - p0;
-    std::vector<acc_t> max(n, -std::numeric_limits<acc_t>::infinity()), count(n, acc_t(0)), sum(n, acc_t(0));
+    std::vector<acc_t> max(n, -std::numeric_limits<acc_t>::infinity()), sum(n, acc_t(0));
+    std::vector<int32_t> count(n, 0);
     acc_t* mx = max.data();
-    acc_t* cnt = count.data();
     acc_t* total = sum.data();
+    int32_t* cnt = count.data();
     const scalar_t* image = in + b * x.image();
     for_each_element(x, p0, p1, [&](int64_t i, int64_t offset) {
       const acc_t v = static_cast<acc_t>(image[offset]);
-      max_count_update(mx[i], cnt[i], v, acc_t(1));
+      max_count_update(mx[i], cnt[i], v, 1);
       total[i] += v;
     });
     const acc_t channels = static_cast<acc_t>(x.channels);
     for (int64_t i = 0; i < n; ++i) {
-      out[(2 * b) * pixels + p0 + i] = static_cast<scalar_t>(mx[i]);
+      const scalar_t* pixel = image + x.offset(0, p0 + i);
+      const acc_t m = channel_max(mx[i], total[i], pixel, x.offset(1, 0), x.channels);
+      out[(2 * b) * pixels + p0 + i] = static_cast<scalar_t>(m);
       out[(2 * b + 1) * pixels + p0 + i] = static_cast<scalar_t>(total[i] / channels);
-      tie[b * pixels + p0 + i] = static_cast<int32_t>(cnt[i]);
+      tie[b * pixels + p0 + i] = cnt[i];
     }
   });
 }

@@ -64,16 +64,17 @@ __global__ void __launch_bounds__(kPixelsPerBlock* kChannelGroups)
     channel_pool_kernel(const scalar_t* __restrict__ x, Strides4 xs, int64_t channels, int64_t pixels,
                         int64_t width, int64_t total, scalar_t* __restrict__ pooled, int32_t* __restrict__ ties) {
   __shared__ acc_t part_max[kChannelGroups][kPixelsPerBlock];
-  __shared__ acc_t part_count[kChannelGroups][kPixelsPerBlock];
+  __shared__ int32_t part_count[kChannelGroups][kPixelsPerBlock];
   __shared__ acc_t part_sum[kChannelGroups][kPixelsPerBlock];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const Pixel px = tile_pixel(pixels, width, total);
-  acc_t max = -std::numeric_limits<acc_t>::infinity(), count = 0, sum = 0;
+  const scalar_t* in = x + (px.valid ? px.offset(xs) : 0);
+  acc_t max = -std::numeric_limits<acc_t>::infinity(), sum = 0;
+  int32_t count = 0;
   if (px.valid) {
-    const scalar_t* in = x + px.offset(xs);
     for (int64_t c = ty; c < channels; c += kChannelGroups) {
       const acc_t v = static_cast<acc_t>(in[c * xs.c]);
-      max_count_update(max, count, v, acc_t(1));
+      max_count_update(max, count, v, 1);
       sum += v;
     }
   }
@@ -86,9 +87,9 @@ __global__ void __launch_bounds__(kPixelsPerBlock* kChannelGroups)
     max_count_update(max, count, part_max[g][tx], part_count[g][tx]);
     sum += part_sum[g][tx];
   }
-  pooled[2 * px.b * pixels + px.p] = static_cast<scalar_t>(max);
+  pooled[2 * px.b * pixels + px.p] = static_cast<scalar_t>(channel_max(max, sum, in, xs.c, channels));
   pooled[(2 * px.b + 1) * pixels + px.p] = static_cast<scalar_t>(sum / static_cast<acc_t>(channels));
-  ties[px.flat(pixels)] = static_cast<int32_t>(count);
+  ties[px.flat(pixels)] = count;
 }
 
 // grad and pooled are contiguous [B, 2, H, W].
