@@ -17,7 +17,9 @@
 namespace dmgrd {
 namespace {
 
-constexpr int64_t kPixelBlock = 1024;
+constexpr int64_t kMinPixelBlock = 256;
+constexpr int64_t kMaxPixelBlock = 4096;     // long contiguous rows stream best
+constexpr int64_t kGroupRow = 2048;          // shorter rows are read one channel at a time
 constexpr int64_t kMinTaskElements = 32768;  // smaller inputs run on the calling thread
 
 // at::parallel_for grain for iterations of `elements` elements each.
@@ -35,38 +37,58 @@ struct Dense {
   explicit Dense(const at::Tensor& x) : Dense(x, dense_format(x)) {}
 
   int64_t image() const { return channels * pixels; }
-  // Offset of channel c of pixel p in one image.
+  // Offset of channel c of pixel p in one image, and between channels.
   int64_t offset(int64_t c, int64_t p) const { return channels_last ? p * channels + c : c * pixels + p; }
+  int64_t channel_stride() const { return channels_last ? 1 : pixels; }
   at::MemoryFormat format() const {
     return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   }
   at::Tensor empty() const { return dense_like(t); }
 };
 
-// body(i, offset(c, p0 + i)) for every channel c and pixel p0 + i of [p0, p1) of one image, in memory order.
-template <typename Body>
+template <int U, typename Body>
+void call(const Body& body, int64_t i, int64_t offset, int64_t stride) {
+  body.template operator()<U>(i, offset, stride);
+}
+
+// Visits every channel of every pixel p0 + i of [p0, p1) of one image, in memory order: body<U>(i, offset,
+// stride) handles channels c .. c + U - 1 of the pixel, at element offsets offset + u * stride. Contiguous
+// images go channel by channel, or Group channels at a time when rows of the block are long enough for
+// Group read streams (reductions take Group = 4: their per-pixel accumulators then move once per 4
+// channels; loops that write the big tensors keep Group = 1, as strided store groups defeat the
+// vectoriser's alias checks); channels_last images go element by element.
+template <int Group, typename Body>
 void for_each_element(const Dense& d, int64_t p0, int64_t p1, const Body& body) {
   if (d.channels_last) {
     for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t c = 0; c < d.channels; ++c) body(p - p0, d.offset(c, p));
+      for (int64_t c = 0; c < d.channels; ++c) call<1>(body, p - p0, p * d.channels + c, 1);
     }
-  } else {
-    for (int64_t c = 0; c < d.channels; ++c) {
-      for (int64_t p = p0; p < p1; ++p) body(p - p0, d.offset(c, p));
-    }
+    return;
   }
+  int64_t c = 0;
+  for (; Group > 1 && p1 - p0 >= kGroupRow && c + Group <= d.channels; c += Group) {
+    for (int64_t p = p0; p < p1; ++p) call<Group>(body, p - p0, c * d.pixels + p, d.pixels);
+  }
+  for (; c < d.channels; ++c) {
+    for (int64_t p = p0; p < p1; ++p) call<1>(body, p - p0, c * d.pixels + p, d.pixels);
+  }
+}
+
+// Pixels per task: up to kMaxPixelBlock, fewer when whole images would leave threads idle.
+int64_t pixel_block(const Dense& d) {
+  const int64_t blocks_per_image = (2 * at::get_num_threads() + d.batch - 1) / d.batch;
+  return std::clamp((d.pixels + blocks_per_image - 1) / blocks_per_image, kMinPixelBlock, kMaxPixelBlock);
 }
 
 // block(b, p0, p1) for image b and pixels [p0, p1), in parallel over images and pixel blocks.
 template <typename Block>
 void parallel_blocks(const Dense& d, const Block& block) {
-  const int64_t pixels = d.pixels;
-  const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
-  const int64_t block_elements = std::min(pixels, kPixelBlock) * d.channels;
-  at::parallel_for(0, d.batch * blocks, grain(block_elements), [&](int64_t begin, int64_t end) {
+  const int64_t pixels = d.pixels, size = pixel_block(d);
+  const int64_t blocks = (pixels + size - 1) / size;
+  at::parallel_for(0, d.batch * blocks, grain(std::min(pixels, size) * d.channels), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, p0 = (task % blocks) * kPixelBlock;
-      block(b, p0, std::min(p0 + kPixelBlock, pixels));
+      const int64_t b = task / blocks, p0 = (task % blocks) * size;
+      block(b, p0, std::min(p0 + size, pixels));
     }
   });
 }
@@ -86,15 +108,22 @@ void channel_pool_typed(const Dense& x, at::Tensor& pooled, at::Tensor& ties) {
     acc_t* total = sum.data();
     int32_t* cnt = count.data();
     const scalar_t* image = in + b * x.image();
-    for_each_element(x, p0, p1, [&](int64_t i, int64_t offset) {
-      const acc_t v = static_cast<acc_t>(image[offset]);
-      max_count_update(mx[i], cnt[i], v, 1);
-      total[i] += v;
+    for_each_element<4>(x, p0, p1, [&]<int U>(int64_t i, int64_t offset, int64_t stride) {
+      acc_t m = mx[i], t = total[i];
+      int32_t k = cnt[i];
+      for (int u = 0; u < U; ++u) {
+        const acc_t v = static_cast<acc_t>(image[offset + u * stride]);
+        max_count_update(m, k, v, 1);
+        t += v;
+      }
+      mx[i] = m;
+      total[i] = t;
+      cnt[i] = k;
     });
     const acc_t channels = static_cast<acc_t>(x.channels);
     for (int64_t i = 0; i < n; ++i) {
       const scalar_t* pixel = image + x.offset(0, p0 + i);
-      const acc_t m = channel_max(mx[i], total[i], pixel, x.offset(1, 0), x.channels);
+      const acc_t m = channel_max(mx[i], total[i], pixel, x.channel_stride(), x.channels);
       out[(2 * b) * pixels + p0 + i] = static_cast<scalar_t>(m);
       out[(2 * b + 1) * pixels + p0 + i] = static_cast<scalar_t>(total[i] / channels);
       tie[b * pixels + p0 + i] = cnt[i];
@@ -137,9 +166,12 @@ void channel_pool_backward_typed(const at::Tensor& grad, const Dense& x, const a
     const acc_t* msh = mean_share.data();
     const scalar_t* image = in + b * x.image();
     scalar_t* grad_image = out + b * x.image();
-    for_each_element(x, p0, p1, [&](int64_t i, int64_t offset) {
-      const acc_t hit = static_cast<acc_t>(image[offset]) == mx[i] ? acc_t(1) : acc_t(0);
-      grad_image[offset] = static_cast<scalar_t>(hit * sh[i] + msh[i]);
+    for_each_element<1>(x, p0, p1, [&]<int U>(int64_t i, int64_t offset, int64_t stride) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t o = offset + u * stride;
+        const acc_t hit = static_cast<acc_t>(image[o]) == mx[i] ? acc_t(1) : acc_t(0);
+        grad_image[o] = static_cast<scalar_t>(hit * sh[i] + msh[i]);
+      }
     });
   });
 }
@@ -203,8 +235,11 @@ std::vector<at::Tensor> fuse_pyramid_typed(const at::TensorList& features, const
       const acc_t* m = mask + b * f.pixels + p0;
       const scalar_t* image = in + b * f.image();
       scalar_t* out_image = o + b * f.image();
-      for_each_element(f, p0, p1, [&](int64_t i, int64_t offset) {
-        out_image[offset] = static_cast<scalar_t>(static_cast<acc_t>(image[offset]) * m[i]);
+      for_each_element<1>(f, p0, p1, [&]<int U>(int64_t i, int64_t offset, int64_t stride) {
+        for (int u = 0; u < U; ++u) {
+          const int64_t o = offset + u * stride;
+          out_image[o] = static_cast<scalar_t>(static_cast<acc_t>(image[o]) * m[i]);
+        }
       });
     });
     outputs.push_back(out);
@@ -238,10 +273,15 @@ std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& grad, const D
     const scalar_t* g_image = gin + b * f.image();
     const scalar_t* f_image = fin + b * f.image();
     scalar_t* gf_image = gf + b * f.image();
-    for_each_element(f, p0, p1, [&](int64_t i, int64_t offset) {
-      const acc_t gv = static_cast<acc_t>(g_image[offset]);
-      gf_image[offset] = static_cast<scalar_t>(gv * m[i]);
-      d[i] += gv * static_cast<acc_t>(f_image[offset]);
+    for_each_element<1>(f, p0, p1, [&]<int U>(int64_t i, int64_t offset, int64_t stride) {
+      acc_t sum = d[i];
+      for (int u = 0; u < U; ++u) {
+        const int64_t o = offset + u * stride;
+        const acc_t gv = static_cast<acc_t>(g_image[o]);
+        gf_image[o] = static_cast<scalar_t>(gv * m[i]);
+        sum += gv * static_cast<acc_t>(f_image[o]);
+      }
+      d[i] = sum;
     });
     std::copy(dot.begin(), dot.end(), gm + b * f.pixels + p0);
   });
