@@ -206,7 +206,7 @@ def test_fuse_dtypes_and_layouts(gen, backend, device, dtype, layout):
 
 
 @pytest.mark.parametrize("backend,device", backend_cases("channel_pool"))
-# (16, 5, 64, 64): whole 4096-pixel rows per task (for up to 8 threads), read 4 channels at a time on the CPU.
+# (16, 5, 64, 64): whole 4096-pixel images per task on the CPU (for up to 8 threads).
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 7, 5, 9), (2, 40, 33, 3), (1, 2048, 2, 3), (16, 5, 64, 64)])
 def test_pool_matches_reference(gen, backend, device, shape):
     if backend == "triton":

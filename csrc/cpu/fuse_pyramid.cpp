@@ -14,12 +14,18 @@
 
 #include "../fuse_pyramid.h"
 
+// The per-block loops come in an AVX2 and a baseline version, picked at load time (ifunc).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define DMGRD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DMGRD_CPU_CLONES
+#endif
+
 namespace dmgrd {
 namespace {
 
 constexpr int64_t kMinPixelBlock = 256;
 constexpr int64_t kMaxPixelBlock = 4096;     // long contiguous rows stream best
-constexpr int64_t kGroupRow = 2048;          // shorter rows are read one channel at a time
 constexpr int64_t kMinTaskElements = 32768;  // smaller inputs run on the calling thread
 
 // at::parallel_for grain for iterations of `elements` elements each.
@@ -37,8 +43,8 @@ struct Dense {
   explicit Dense(const at::Tensor& x) : Dense(x, dense_format(x)) {}
 
   int64_t image() const { return channels * pixels; }
-  // Offset of channel c of pixel p in one image, and between channels.
-  int64_t offset(int64_t c, int64_t p) const { return channels_last ? p * channels + c : c * pixels + p; }
+  // Offset of pixel p's first channel in one image, and between its channels.
+  int64_t pixel_offset(int64_t p) const { return channels_last ? p * channels : p; }
   int64_t channel_stride() const { return channels_last ? 1 : pixels; }
   at::MemoryFormat format() const {
     return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -46,31 +52,18 @@ struct Dense {
   at::Tensor empty() const { return dense_like(t); }
 };
 
-template <int U, typename Body>
-void call(const Body& body, int64_t i, int64_t offset, int64_t stride) {
-  body.template operator()<U>(i, offset, stride);
-}
-
-// Visits every channel of every pixel p0 + i of [p0, p1) of one image, in memory order: body<U>(i, offset,
-// stride) handles channels c .. c + U - 1 of the pixel, at element offsets offset + u * stride. Contiguous
-// images go channel by channel, or Group channels at a time when rows of the block are long enough for
-// Group read streams (reductions take Group = 4: their per-pixel accumulators then move once per 4
-// channels; loops that write the big tensors keep Group = 1, as strided store groups defeat the
-// vectoriser's alias checks); channels_last images go element by element.
-template <int Group, typename Body>
-void for_each_element(const Dense& d, int64_t p0, int64_t p1, const Body& body) {
+// body(i, offset) for every channel and every pixel p0 + i of [p0, p1) of one image, offset being the element's
+// offset in the image, in memory order.
+template <typename Body>
+inline void for_each_element(const Dense& d, int64_t p0, int64_t p1, const Body& body) {
   if (d.channels_last) {
     for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t c = 0; c < d.channels; ++c) call<1>(body, p - p0, p * d.channels + c, 1);
+      for (int64_t c = 0; c < d.channels; ++c) body(p - p0, p * d.channels + c);
     }
-    return;
-  }
-  int64_t c = 0;
-  for (; Group > 1 && p1 - p0 >= kGroupRow && c + Group <= d.channels; c += Group) {
-    for (int64_t p = p0; p < p1; ++p) call<Group>(body, p - p0, c * d.pixels + p, d.pixels);
-  }
-  for (; c < d.channels; ++c) {
-    for (int64_t p = p0; p < p1; ++p) call<1>(body, p - p0, c * d.pixels + p, d.pixels);
+  } else {
+    for (int64_t c = 0; c < d.channels; ++c) {
+      for (int64_t p = p0; p < p1; ++p) body(p - p0, c * d.pixels + p);
+    }
   }
 }
 
@@ -93,42 +86,32 @@ void parallel_blocks(const Dense& d, const Block& block) {
   });
 }
 
+// Channel max, its tie count and channel mean of pixels [p0, p1) of image b, into pooled [B, 2, H*W] and
+// ties [B, H*W].
 template <typename scalar_t>
-void channel_pool_typed(const Dense& x, at::Tensor& pooled, at::Tensor& ties) {
+DMGRD_CPU_CLONES void channel_pool_block(const Dense& x, int64_t b, int64_t p0, int64_t p1, scalar_t* pooled,
+                                         int32_t* ties) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* in = x.t.const_data_ptr<scalar_t>();
-  scalar_t* out = pooled.mutable_data_ptr<scalar_t>();
-  int32_t* tie = ties.mutable_data_ptr<int32_t>();
-  const int64_t pixels = x.pixels;
-  parallel_blocks(x, [&](int64_t b, int64_t p0, int64_t p1) {
-    const int64_t n = p1 - p0;
-    std::vector<acc_t> max(n, -std::numeric_limits<acc_t>::infinity()), sum(n, acc_t(0));
-    std::vector<int32_t> count(n, 0);
-    acc_t* mx = max.data();
-    acc_t* total = sum.data();
-    int32_t* cnt = count.data();
-    const scalar_t* image = in + b * x.image();
-    for_each_element<4>(x, p0, p1, [&]<int U>(int64_t i, int64_t offset, int64_t stride) {
-      acc_t m = mx[i], t = total[i];
-      int32_t k = cnt[i];
-      for (int u = 0; u < U; ++u) {
-        const acc_t v = static_cast<acc_t>(image[offset + u * stride]);
-        max_count_update(m, k, v, 1);
-        t += v;
-      }
-      mx[i] = m;
-      total[i] = t;
-      cnt[i] = k;
-    });
-    const acc_t channels = static_cast<acc_t>(x.channels);
-    for (int64_t i = 0; i < n; ++i) {
-      const scalar_t* pixel = image + x.offset(0, p0 + i);
-      const acc_t m = channel_max(mx[i], total[i], pixel, x.channel_stride(), x.channels);
-      out[(2 * b) * pixels + p0 + i] = static_cast<scalar_t>(m);
-      out[(2 * b + 1) * pixels + p0 + i] = static_cast<scalar_t>(total[i] / channels);
-      tie[b * pixels + p0 + i] = cnt[i];
-    }
+  const int64_t n = p1 - p0, pixels = x.pixels;
+  std::vector<acc_t> max(n, -std::numeric_limits<acc_t>::infinity()), sum(n, acc_t(0));
+  std::vector<int32_t> count(n, 0);
+  acc_t* mx = max.data();
+  acc_t* total = sum.data();
+  int32_t* cnt = count.data();
+  const scalar_t* image = x.t.const_data_ptr<scalar_t>() + b * x.image();
+  for_each_element(x, p0, p1, [&](int64_t i, int64_t offset) {
+    const acc_t v = static_cast<acc_t>(image[offset]);
+    max_count_update(mx[i], cnt[i], v, 1);
+    total[i] += v;
   });
+  const acc_t channels = static_cast<acc_t>(x.channels);
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* pixel = image + x.pixel_offset(p0 + i);
+    const acc_t m = channel_max(mx[i], total[i], pixel, x.channel_stride(), x.channels);
+    pooled[(2 * b) * pixels + p0 + i] = static_cast<scalar_t>(m);
+    pooled[(2 * b + 1) * pixels + p0 + i] = static_cast<scalar_t>(total[i] / channels);
+    ties[b * pixels + p0 + i] = cnt[i];
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_pool_cpu(const at::Tensor& x_in) {
@@ -136,43 +119,38 @@ std::tuple<at::Tensor, at::Tensor> channel_pool_cpu(const at::Tensor& x_in) {
   const Dense x(x_in);
   at::Tensor pooled = at::empty({x.batch, 2, x_in.size(2), x_in.size(3)}, x_in.options());
   at::Tensor ties = at::empty({x.batch, x_in.size(2), x_in.size(3)}, x_in.options().dtype(at::kInt));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "dmgrd_channel_pool_cpu",
-                                  [&] { channel_pool_typed<scalar_t>(x, pooled, ties); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "dmgrd_channel_pool_cpu", [&] {
+    scalar_t* out = pooled.mutable_data_ptr<scalar_t>();
+    int32_t* tie = ties.mutable_data_ptr<int32_t>();
+    parallel_blocks(x, [&](int64_t b, int64_t p0, int64_t p1) { channel_pool_block(x, b, p0, p1, out, tie); });
+  });
   return {pooled, ties};
 }
 
-// grad_x = (x == max) * grad_max / ties + grad_mean / C, per channel.
+// grad_x = (x == max) * grad_max / ties + grad_mean / C for pixels [p0, p1) of image b (grad and pooled are
+// [B, 2, H*W], ties [B, H*W]).
 template <typename scalar_t>
-void channel_pool_backward_typed(const at::Tensor& grad, const Dense& x, const at::Tensor& pooled,
-                                 const at::Tensor& ties, at::Tensor& grad_x) {
+DMGRD_CPU_CLONES void channel_pool_backward_block(const Dense& x, int64_t b, int64_t p0, int64_t p1,
+                                                  const scalar_t* grad, const scalar_t* pooled, const int32_t* ties,
+                                                  scalar_t* grad_x) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* g = grad.const_data_ptr<scalar_t>();
-  const scalar_t* pool = pooled.const_data_ptr<scalar_t>();
-  const int32_t* tie = ties.const_data_ptr<int32_t>();
-  const scalar_t* in = x.t.const_data_ptr<scalar_t>();
-  scalar_t* out = grad_x.mutable_data_ptr<scalar_t>();
-  const int64_t pixels = x.pixels;
+  const int64_t n = p1 - p0, pixels = x.pixels;
   const acc_t channels = static_cast<acc_t>(x.channels);
-  parallel_blocks(x, [&](int64_t b, int64_t p0, int64_t p1) {
-    const int64_t n = p1 - p0;
-    std::vector<acc_t> max(n), share(n), mean_share(n);
-    for (int64_t i = 0; i < n; ++i) {
-      max[i] = static_cast<acc_t>(pool[(2 * b) * pixels + p0 + i]);
-      share[i] = static_cast<acc_t>(g[(2 * b) * pixels + p0 + i]) / static_cast<acc_t>(tie[b * pixels + p0 + i]);
-      mean_share[i] = static_cast<acc_t>(g[(2 * b + 1) * pixels + p0 + i]) / channels;
-    }
-    const acc_t* mx = max.data();
-    const acc_t* sh = share.data();
-    const acc_t* msh = mean_share.data();
-    const scalar_t* image = in + b * x.image();
-    scalar_t* grad_image = out + b * x.image();
-    for_each_element<1>(x, p0, p1, [&]<int U>(int64_t i, int64_t offset, int64_t stride) {
-      for (int u = 0; u < U; ++u) {
-        const int64_t o = offset + u * stride;
-        const acc_t hit = static_cast<acc_t>(image[o]) == mx[i] ? acc_t(1) : acc_t(0);
-        grad_image[o] = static_cast<scalar_t>(hit * sh[i] + msh[i]);
-      }
-    });
+  std::vector<acc_t> max(n), share(n), mean_share(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t at_max = (2 * b) * pixels + p0 + i;
+    max[i] = static_cast<acc_t>(pooled[at_max]);
+    share[i] = static_cast<acc_t>(grad[at_max]) / static_cast<acc_t>(ties[b * pixels + p0 + i]);
+    mean_share[i] = static_cast<acc_t>(grad[at_max + pixels]) / channels;
+  }
+  const acc_t* mx = max.data();
+  const acc_t* sh = share.data();
+  const acc_t* msh = mean_share.data();
+  const scalar_t* image = x.t.const_data_ptr<scalar_t>() + b * x.image();
+  scalar_t* grad_image = grad_x + b * x.image();
+  for_each_element(x, p0, p1, [&](int64_t i, int64_t offset) {
+    const acc_t hit = static_cast<acc_t>(image[offset]) == mx[i] ? acc_t(1) : acc_t(0);
+    grad_image[offset] = static_cast<scalar_t>(hit * sh[i] + msh[i]);
   });
 }
 
@@ -182,8 +160,15 @@ at::Tensor channel_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& x
   const Dense x(x_in);
   at::Tensor grad_x = x.empty();
   const at::Tensor g = grad.contiguous(), pool = pooled.contiguous(), tie = ties.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "dmgrd_channel_pool_backward_cpu",
-                                  [&] { channel_pool_backward_typed<scalar_t>(g, x, pool, tie, grad_x); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "dmgrd_channel_pool_backward_cpu", [&] {
+    const scalar_t* g_in = g.const_data_ptr<scalar_t>();
+    const scalar_t* pool_in = pool.const_data_ptr<scalar_t>();
+    const int32_t* tie_in = tie.const_data_ptr<int32_t>();
+    scalar_t* out = grad_x.mutable_data_ptr<scalar_t>();
+    parallel_blocks(x, [&](int64_t b, int64_t p0, int64_t p1) {
+      channel_pool_backward_block(x, b, p0, p1, g_in, pool_in, tie_in, out);
+    });
+  });
   return grad_x;
 }
 
@@ -220,6 +205,18 @@ std::vector<at::Tensor> attention_masks(const at::TensorList& logits) {
   return masks;
 }
 
+// out = f * mask for pixels [p0, p1) of image b (mask [B, H*W]).
+template <typename scalar_t, typename acc_t>
+DMGRD_CPU_CLONES void gate_block(const Dense& f, int64_t b, int64_t p0, int64_t p1, const acc_t* mask,
+                                 scalar_t* out) {
+  const acc_t* m = mask + b * f.pixels + p0;
+  const scalar_t* image = f.t.const_data_ptr<scalar_t>() + b * f.image();
+  scalar_t* out_image = out + b * f.image();
+  for_each_element(f, p0, p1, [&](int64_t i, int64_t offset) {
+    out_image[offset] = static_cast<scalar_t>(static_cast<acc_t>(image[offset]) * m[i]);
+  });
+}
+
 template <typename scalar_t>
 std::vector<at::Tensor> fuse_pyramid_typed(const at::TensorList& features, const at::TensorList& logits) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -228,20 +225,9 @@ std::vector<at::Tensor> fuse_pyramid_typed(const at::TensorList& features, const
   for (size_t l = 0; l < features.size(); ++l) {
     const Dense f(features[l]);
     at::Tensor out = f.empty();
-    const scalar_t* in = f.t.const_data_ptr<scalar_t>();
     const acc_t* mask = masks[l].const_data_ptr<acc_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    parallel_blocks(f, [&](int64_t b, int64_t p0, int64_t p1) {
-      const acc_t* m = mask + b * f.pixels + p0;
-      const scalar_t* image = in + b * f.image();
-      scalar_t* out_image = o + b * f.image();
-      for_each_element<1>(f, p0, p1, [&]<int U>(int64_t i, int64_t offset, int64_t stride) {
-        for (int u = 0; u < U; ++u) {
-          const int64_t o = offset + u * stride;
-          out_image[o] = static_cast<scalar_t>(static_cast<acc_t>(image[o]) * m[i]);
-        }
-      });
-    });
+    parallel_blocks(f, [&](int64_t b, int64_t p0, int64_t p1) { gate_block(f, b, p0, p1, mask, o); });
     outputs.push_back(out);
   }
   return outputs;
@@ -255,36 +241,35 @@ std::vector<at::Tensor> fuse_pyramid_cpu(at::TensorList features, at::TensorList
   return outputs;
 }
 
-// grad_f = grad * mask per element, and the mask's gradient sum_c grad * f per pixel ([B, H*W]).
+// grad_f = grad * mask and grad_mask = sum_c grad * f for pixels [p0, p1) of image b (grad laid out as f;
+// mask and grad_mask [B, H*W]).
+template <typename scalar_t, typename acc_t>
+DMGRD_CPU_CLONES void gate_backward_block(const Dense& f, int64_t b, int64_t p0, int64_t p1, const scalar_t* grad,
+                                          const acc_t* mask, scalar_t* grad_f, acc_t* grad_mask) {
+  std::vector<acc_t> dot(p1 - p0, acc_t(0));
+  acc_t* d = dot.data();
+  const acc_t* m = mask + b * f.pixels + p0;
+  const scalar_t* g_image = grad + b * f.image();
+  const scalar_t* f_image = f.t.const_data_ptr<scalar_t>() + b * f.image();
+  scalar_t* gf_image = grad_f + b * f.image();
+  for_each_element(f, p0, p1, [&](int64_t i, int64_t offset) {
+    const acc_t gv = static_cast<acc_t>(g_image[offset]);
+    gf_image[offset] = static_cast<scalar_t>(gv * m[i]);
+    d[i] += gv * static_cast<acc_t>(f_image[offset]);
+  });
+  std::copy(dot.begin(), dot.end(), grad_mask + b * f.pixels + p0);
+}
+
 template <typename scalar_t, typename acc_t>
 std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& grad, const Dense& f, const at::Tensor& mask) {
   const at::Tensor g = grad.contiguous(f.format());
   at::Tensor grad_f = f.empty();
   at::Tensor grad_mask = at::empty_like(mask);
-  const scalar_t* gin = g.const_data_ptr<scalar_t>();
-  const scalar_t* fin = f.t.const_data_ptr<scalar_t>();
-  const acc_t* m_all = mask.const_data_ptr<acc_t>();
+  const scalar_t* g_in = g.const_data_ptr<scalar_t>();
+  const acc_t* m = mask.const_data_ptr<acc_t>();
   scalar_t* gf = grad_f.mutable_data_ptr<scalar_t>();
   acc_t* gm = grad_mask.mutable_data_ptr<acc_t>();
-  parallel_blocks(f, [&](int64_t b, int64_t p0, int64_t p1) {
-    std::vector<acc_t> dot(p1 - p0, acc_t(0));
-    acc_t* d = dot.data();
-    const acc_t* m = m_all + b * f.pixels + p0;
-    const scalar_t* g_image = gin + b * f.image();
-    const scalar_t* f_image = fin + b * f.image();
-    scalar_t* gf_image = gf + b * f.image();
-    for_each_element<1>(f, p0, p1, [&]<int U>(int64_t i, int64_t offset, int64_t stride) {
-      acc_t sum = d[i];
-      for (int u = 0; u < U; ++u) {
-        const int64_t o = offset + u * stride;
-        const acc_t gv = static_cast<acc_t>(g_image[o]);
-        gf_image[o] = static_cast<scalar_t>(gv * m[i]);
-        sum += gv * static_cast<acc_t>(f_image[o]);
-      }
-      d[i] = sum;
-    });
-    std::copy(dot.begin(), dot.end(), gm + b * f.pixels + p0);
-  });
+  parallel_blocks(f, [&](int64_t b, int64_t p0, int64_t p1) { gate_backward_block(f, b, p0, p1, g_in, m, gf, gm); });
   return {grad_f, grad_mask};
 }
 
