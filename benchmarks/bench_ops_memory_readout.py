@@ -33,7 +33,8 @@ def _step(query, bank, backward):
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("images,height,width,dim,items", SHAPES, ids=[f"N{b * h * w}-D{d}-M{m}" for b, h, w, d, m in SHAPES])
+@pytest.mark.parametrize("images,height,width,dim,items", SHAPES,
+                         ids=[f"N{b * h * w}-D{d}-M{m}" for b, h, w, d, m in SHAPES])
 @pytest.mark.parametrize("backend,device", backend_device_cases("memory_readout"))
 def test_memory_readout(benchmark, backend, device, images, height, width, dim, items, dtype, backward):
     if device == "cpu" and dtype != torch.float32:

@@ -15,6 +15,10 @@ TORCH_LIBRARY(dmgrd, m) {
   m.def("memory_nearest(Tensor query, Tensor bank, int k, str metric) -> (Tensor, Tensor)");
   m.def("dual_memory_margin(Tensor query, Tensor normal_bank, Tensor abnormal_bank, float margin, str metric) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("channel_pool(Tensor x) -> (Tensor pooled, Tensor ties)");
+  m.def("channel_pool_backward(Tensor grad, Tensor x, Tensor pooled, Tensor ties) -> Tensor");
+  m.def("fuse_pyramid(Tensor[] features, Tensor[] logits) -> Tensor[]");
+  m.def("fuse_pyramid_backward(Tensor[] grads, Tensor[] features, Tensor[] logits) -> (Tensor[], Tensor[])");
 }
 
 // `import dmgrd._C` loads the library, which runs the registrations above; it has no Python functions.

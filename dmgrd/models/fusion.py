@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmgrd import ops
+
 ATTENTION_MODES = ("softmax", "dot_product")
 
 
@@ -58,15 +60,15 @@ class MSFFBlock(nn.Module):
 
 
 class SpatialAttention(nn.Module):
-    """CBAM spatial attention: sigmoid(conv7x7([max_c x, mean_c x]))."""
+    """CBAM spatial attention logits ``conv7x7([max_c x, mean_c x])``; the sigmoid is applied by
+    :func:`dmgrd.ops.fuse_pyramid`, which chains the masks."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(2, 1, 7, padding=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return torch.sigmoid(self.conv(pooled))
+        return self.conv(ops.channel_pool(x))
 
 
 def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -91,12 +93,5 @@ class MSFF(nn.Module):
         f1, f2, f3 = (block(x) for block, x in zip(self.blocks, inputs))
         f2 = f2 + self.top_down32(_up(f3, f2))
         f1 = f1 + self.top_down21(_up(f2, f1))
-        m1, m2, m3 = self.attention_masks(inputs)
-        return [f1 * m1, f2 * m2, f3 * m3]
-
-    def attention_masks(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """m3 = sam(x3), m2 = sam(x2) * up(m3), m1 = sam(x1) * up(m2)."""
-        m3 = self.spatial_attention(inputs[2])
-        m2 = self.spatial_attention(inputs[1]) * _up(m3, inputs[1])
-        m1 = self.spatial_attention(inputs[0]) * _up(m2, inputs[0])
-        return m1, m2, m3
+        # m3 = sam(x3), m2 = sam(x2) * up(m3), m1 = sam(x1) * up(m2); outputs f_l * m_l.
+        return ops.fuse_pyramid([f1, f2, f3], [self.spatial_attention(x) for x in inputs])

@@ -1,0 +1,177 @@
+// Per-element arithmetic of dmgrd::channel_pool and dmgrd::fuse_pyramid shared by the CPU and CUDA kernels,
+// written to match the torch reference (dmgrd/ops/fuse_pyramid.py) operation for operation: the running
+// channel max with its tie count, and the attention-mask chain m_L = sigmoid(a_L),
+// m_l = sigmoid(a_l) * up(m_{l+1}) with its backward, up being ATen's upsample_bilinear2d (align_corners=True).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace dmgrd {
+
+// Folds `n` values equal to `v` into a running channel maximum and the number of channels that reach it
+// (NaN is skipped here: see channel_max). Only selects, no conditional floating-point arithmetic, so that
+// the CPU loops vectorise under the default -ftrapping-math.
+template <typename acc_t>
+DMGRD_HOST_DEVICE inline void max_count_update(acc_t& max, int32_t& count, acc_t v, int32_t n) {
+  count = v > max ? n : count + (v == max ? n : 0);
+  max = v > max ? v : max;
+}
+
+// The channel maximum as torch.amax gives it: NaN if a channel is NaN. The running maximum skips NaN, so
+// where the channel sum is NaN (a NaN, or +inf and -inf, among the channels) the channels x[c * stride]
+// are scanned again.
+template <typename scalar_t, typename acc_t>
+DMGRD_HOST_DEVICE inline acc_t channel_max(acc_t max, acc_t sum, const scalar_t* x, int64_t stride, int64_t channels) {
+  if (sum == sum) return max;
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t v = static_cast<acc_t>(x[c * stride]);
+    if (v != v) return v;
+  }
+  return max;
+}
+
+template <typename acc_t>
+DMGRD_HOST_DEVICE inline acc_t sigmoid(acc_t x) {
+#ifdef __CUDA_ARCH__
+  return acc_t(1) / (acc_t(1) + ::exp(-x));  // CUDA's float and double overloads
+#else
+  return acc_t(1) / (acc_t(1) + std::exp(-x));
+#endif
+}
+
+// Bilinear resampling (align_corners=True) of a [in_h, in_w] plane to [out_h, out_w], as ATen computes it:
+// a plane of unchanged size is copied. `sample` reads one output pixel, `scatter` is its adjoint.
+template <typename acc_t>
+struct Upsample {
+  int64_t in_h = 1, in_w = 1, out_h = 1, out_w = 1;
+  acc_t scale_h = 0, scale_w = 0;
+
+  static Upsample make(int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w) {
+    return {in_h, in_w, out_h, out_w, align_corners_scale<acc_t>(in_h, out_h), align_corners_scale<acc_t>(in_w, out_w)};
+  }
+
+  DMGRD_HOST_DEVICE bool copy() const { return in_h == out_h && in_w == out_w; }
+
+  DMGRD_HOST_DEVICE LinearTap<acc_t> row(int64_t y) const {
+    return copy() ? LinearTap<acc_t>{y, y, acc_t(1), acc_t(0)} : linear_tap(scale_h, y, in_h);
+  }
+
+  DMGRD_HOST_DEVICE LinearTap<acc_t> col(int64_t x) const {
+    return copy() ? LinearTap<acc_t>{x, x, acc_t(1), acc_t(0)} : linear_tap(scale_w, x, in_w);
+  }
+
+  DMGRD_HOST_DEVICE acc_t sample(const acc_t* plane, int64_t y, int64_t x) const {
+    const LinearTap<acc_t> r = row(y), c = col(x);
+    const acc_t* r0 = plane + r.i0 * in_w;
+    const acc_t* r1 = plane + r.i1 * in_w;
+    return r.w0 * (c.w0 * r0[c.i0] + c.w1 * r0[c.i1]) + r.w1 * (c.w0 * r1[c.i0] + c.w1 * r1[c.i1]);
+  }
+
+  // add(pointer, value) accumulates (a plain += on the CPU, an atomicAdd on the GPU).
+  template <typename Add>
+  DMGRD_HOST_DEVICE void scatter(acc_t* plane, int64_t y, int64_t x, acc_t v, Add add) const {
+    const LinearTap<acc_t> r = row(y), c = col(x);
+    acc_t* r0 = plane + r.i0 * in_w;
+    acc_t* r1 = plane + r.i1 * in_w;
+    add(r0 + c.i0, r.w0 * c.w0 * v);
+    add(r0 + c.i1, r.w0 * c.w1 * v);
+    add(r1 + c.i0, r.w1 * c.w0 * v);
+    add(r1 + c.i1, r.w1 * c.w1 * v);
+  }
+};
+
+// Attention mask at pixel (y, x) of a level: sigmoid(logit) * up(coarser mask), or sigmoid(logit) for the
+// coarsest level (coarse == nullptr).
+template <typename acc_t>
+DMGRD_HOST_DEVICE inline acc_t mask_at(acc_t logit, const acc_t* coarse, const Upsample<acc_t>& up, int64_t y,
+                                       int64_t x) {
+  const acc_t s = sigmoid(logit);
+  return coarse == nullptr ? s : s * up.sample(coarse, y, x);
+}
+
+// Backward of mask_at: returns dL/dlogit given dL/dmask and scatters dL/dup(coarser mask) into coarse_grad.
+template <typename acc_t, typename Add>
+DMGRD_HOST_DEVICE inline acc_t mask_backward_at(acc_t logit, acc_t grad_mask, const acc_t* coarse,
+                                                acc_t* coarse_grad, const Upsample<acc_t>& up, int64_t y, int64_t x,
+                                                Add add) {
+  const acc_t s = sigmoid(logit);
+  acc_t grad_s = grad_mask;
+  if (coarse != nullptr) {
+    up.scatter(coarse_grad, y, x, grad_mask * s, add);
+    grad_s = grad_mask * up.sample(coarse, y, x);
+  }
+  return grad_s * (acc_t(1) - s) * s;
+}
+
+// The layout of the outputs for input x: channels_last if x is channels_last-contiguous only, else contiguous.
+inline at::MemoryFormat dense_format(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous;
+}
+
+// An empty tensor like x in dense_format(x) (dense_like in dmgrd/ops/fuse_pyramid.py).
+inline at::Tensor dense_like(const at::Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(dense_format(x)));
+}
+
+inline void check_channel_pool_args(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "dmgrd::channel_pool: x must be [B, C, H, W], got ", x.sizes());
+  TORCH_CHECK(x.is_floating_point(), "dmgrd::channel_pool: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) > 0, "dmgrd::channel_pool: x has no channels");
+}
+
+inline void check_channel_pool_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& pooled,
+                                             const at::Tensor& ties) {
+  check_channel_pool_args(x);
+  const std::vector<int64_t> pooled_shape{x.size(0), 2, x.size(2), x.size(3)};
+  TORCH_CHECK(grad.sizes() == pooled_shape && pooled.sizes() == pooled_shape,
+              "dmgrd::channel_pool_backward: grad and pooled must be ", pooled_shape, ", got ", grad.sizes(), " and ",
+              pooled.sizes());
+  TORCH_CHECK(ties.sizes() == at::IntArrayRef({x.size(0), x.size(2), x.size(3)}) && ties.scalar_type() == at::kInt,
+              "dmgrd::channel_pool_backward: ties must be int32 [B, H, W], got ", ties.scalar_type(), " ",
+              ties.sizes());
+  for (const at::Tensor* t : {&grad, &pooled, &ties}) {
+    TORCH_CHECK(t->device() == x.device(), "dmgrd::channel_pool_backward: all tensors must be on ", x.device());
+  }
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && pooled.scalar_type() == x.scalar_type(),
+              "dmgrd::channel_pool_backward: grad and pooled must have x's dtype ", x.scalar_type());
+}
+
+inline void check_fuse_pyramid_args(const at::TensorList& features, const at::TensorList& logits) {
+  TORCH_CHECK(!features.empty(), "dmgrd::fuse_pyramid: no levels");
+  TORCH_CHECK(features.size() == logits.size(), "dmgrd::fuse_pyramid: ", features.size(), " feature levels but ",
+              logits.size(), " logit levels");
+  const at::Tensor& first = features[0];
+  for (size_t l = 0; l < features.size(); ++l) {
+    const at::Tensor& f = features[l];
+    const at::Tensor& a = logits[l];
+    TORCH_CHECK(f.dim() == 4 && a.dim() == 4 && a.size(1) == 1 && f.size(0) == a.size(0) && f.size(2) == a.size(2) &&
+                    f.size(3) == a.size(3) && f.size(0) == first.size(0),
+                "dmgrd::fuse_pyramid: level ", l, " needs features [B, C, H, W] and logits [B, 1, H, W], got ",
+                f.sizes(), " and ", a.sizes());
+    TORCH_CHECK(f.size(2) > 0 && f.size(3) > 0, "dmgrd::fuse_pyramid: level ", l, " is empty: ", f.sizes());
+    TORCH_CHECK(f.is_floating_point() && f.scalar_type() == first.scalar_type() &&
+                    a.scalar_type() == first.scalar_type(),
+                "dmgrd::fuse_pyramid: features and logits must share one floating dtype");
+    TORCH_CHECK(f.device() == first.device() && a.device() == first.device(),
+                "dmgrd::fuse_pyramid: all tensors must be on one device");
+  }
+}
+
+inline void check_fuse_pyramid_backward_args(const at::TensorList& grads, const at::TensorList& features,
+                                             const at::TensorList& logits) {
+  check_fuse_pyramid_args(features, logits);
+  TORCH_CHECK(grads.size() == features.size(), "dmgrd::fuse_pyramid_backward: ", grads.size(), " gradients for ",
+              features.size(), " levels");
+  for (size_t l = 0; l < grads.size(); ++l) {
+    TORCH_CHECK(grads[l].sizes() == features[l].sizes() && grads[l].scalar_type() == features[l].scalar_type() &&
+                    grads[l].device() == features[l].device(),
+                "dmgrd::fuse_pyramid_backward: gradient ", l, " must match its features ", features[l].sizes());
+  }
+}
+
+}  // namespace dmgrd
