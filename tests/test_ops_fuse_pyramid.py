@@ -149,18 +149,18 @@ def original_msff_forward(msff: MSFF, inputs):
 
 
 def _msff_case(gen, sizes):
-    msff = MSFF((4, 6, 8), attention="dot_product")
+    msff = MSFF((4, 6, 8), attention="dot_product").double()  # float64: gradients that cancel to ~0 stay exact
     with torch.no_grad():  # random weights (the non-local blocks start as the identity: make them matter)
         for p in msff.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    inputs = [torch.randn(2, 2 * c, h, w, generator=gen).requires_grad_() for c, (h, w) in zip((4, 6, 8), sizes)]
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    inputs = [torch.randn(2, 2 * c, h, w, generator=gen, dtype=torch.float64).requires_grad_() for c, (h, w) in zip((4, 6, 8), sizes)]
     return msff, inputs
 
 
 def _msff_run(msff, inputs, forward):
     msff.zero_grad()
     outs = forward(inputs)
-    upstream = [torch.linspace(-1, 1, o.numel()).view_as(o) for o in outs]
+    upstream = [torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o) for o in outs]
     grads = torch.autograd.grad(outs, inputs + list(msff.parameters()), upstream)
     return [o.detach() for o in outs], grads
 
@@ -179,8 +179,8 @@ def test_msff_unchanged(gen):
     with ops.use_backend("torch"):
         reference = _msff_run(msff, inputs, msff)
     assert all(torch.equal(a, b) for a, b in zip(original[0], reference[0]))
-    _assert_runs_match(original, reference, rtol=1e-6)
-    _assert_runs_match(original, _msff_run(msff, inputs, msff), rtol=1e-4)
+    _assert_runs_match(original, reference, rtol=1e-12)
+    _assert_runs_match(original, _msff_run(msff, inputs, msff), rtol=1e-10)
 
 
 # --- every backend against the references --------------------------------------------------------------
