@@ -21,6 +21,17 @@
 namespace dmgrd {
 
 constexpr double kCosineEps = 1e-8;
+constexpr double kNormEps = 1e-12;  // F.normalize's clamp of the norm
+
+DMGRD_HOST_DEVICE inline float acc_sqrt(float x) { return sqrtf(x); }
+DMGRD_HOST_DEVICE inline double acc_sqrt(double x) { return sqrt(x); }
+
+// torch's clamp_min of a norm (NaN stays NaN): F.cosine_similarity clamps at kCosineEps, F.normalize at kNormEps.
+template <typename acc_t>
+DMGRD_HOST_DEVICE inline acc_t clamp_norm(acc_t norm, double eps = kCosineEps) {
+  const acc_t floor = static_cast<acc_t>(eps);
+  return norm < floor ? floor : norm;
+}
 
 enum class Reduce : int { Sum = 0, Mean = 1, Mul = 2 };
 
@@ -137,8 +148,6 @@ inline void check_coreset_update_args(const at::Tensor& points, const at::Tensor
               "dmgrd::coreset_update: points, center and min_dist must be on one device");
 }
 
-constexpr double kNormEps = 1e-12;  // F.normalize's clamp of the norm
-
 inline void check_memory_readout_args(const at::Tensor& query, const at::Tensor& bank, double temperature) {
   TORCH_CHECK(query.dim() == 2 && bank.dim() == 2, "dmgrd::memory_readout: query and bank must be 2-D, got ",
               query.sizes(), " and ", bank.sizes());
@@ -197,16 +206,11 @@ inline Metric parse_metric(const std::string& metric, const char* op) {
   return Metric::Cosine;
 }
 
-DMGRD_HOST_DEVICE inline float nearest_sqrt(float x) { return sqrtf(x); }
-DMGRD_HOST_DEVICE inline double nearest_sqrt(double x) { return sqrt(x); }
-
 // Per-row term of a distance from the row's sum of squares: itself (l2) or 1 / max(norm, eps) (cosine).
 template <typename acc_t>
 DMGRD_HOST_DEVICE inline acc_t row_term(Metric metric, acc_t squares) {
   if (metric == Metric::L2) return squares;
-  const acc_t norm = nearest_sqrt(squares);
-  const acc_t eps = static_cast<acc_t>(kNormEps);
-  return acc_t(1) / (norm < eps ? eps : norm);
+  return acc_t(1) / clamp_norm(acc_sqrt(squares), kNormEps);
 }
 
 // l2: max(|q|^2 + |m|^2 - 2 <q, m>, 0); cosine: 1 - <q, m> / (|q| |m|). NaN stays NaN.

@@ -13,22 +13,12 @@
 namespace dmgrd {
 namespace kd {
 
-DMGRD_HOST_DEVICE inline float root(float x) { return sqrtf(x); }
-DMGRD_HOST_DEVICE inline double root(double x) { return sqrt(x); }
-
-// torch's clamp_min (NaN stays NaN), as F.cosine_similarity clamps each norm.
-template <typename acc_t>
-DMGRD_HOST_DEVICE inline acc_t clamp_norm(acc_t norm) {
-  const acc_t eps = static_cast<acc_t>(kCosineEps);
-  return norm < eps ? eps : norm;
-}
-
 // Term (1 - cos(t, s)) * inv_count of one row from its sums dot = <t, s>, tt = |t|^2, ss = |s|^2, and the
 // coefficients of its gradient: dL/ds = c[0] t + c[1] s and dL/dt = c[0] s + c[2] t. The clamped norms are
 // treated as constants by the norm's derivative x / |x| (0 at x = 0), exactly as F.cosine_similarity's backward.
 template <typename acc_t>
 DMGRD_HOST_DEVICE inline acc_t row_term(acc_t dot, acc_t tt, acc_t ss, acc_t inv_count, acc_t* c) {
-  const acc_t raw_t = root(tt), raw_s = root(ss);
+  const acc_t raw_t = acc_sqrt(tt), raw_s = acc_sqrt(ss);
   const acc_t nt = clamp_norm(raw_t), ns = clamp_norm(raw_s);
   const acc_t cos = dot / (nt * ns);
   c[0] = -inv_count / (nt * ns);

@@ -30,6 +30,18 @@ def test_installed_build_info_matches_loaded_state():
         assert status.reason and status.reason in status.describe()
 
 
+def test_every_schema_has_a_kernel_for_each_built_device():
+    if not _extension.loaded():
+        pytest.skip("dmgrd._C is not loaded")
+    info = json.loads(_extension.BUILD_INFO.read_text())
+    schemas = [s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("dmgrd::")]
+    assert "dmgrd::fuse_pyramid_backward" in schemas and len(schemas) >= 13
+    keys = ["CPU", "CUDA"] if info["with_cuda"] else ["CPU"]
+    missing = [(name, key) for name in schemas for key in keys
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(name, key)]
+    assert not missing, f"schemas without a kernel: {missing}"
+
+
 def _status_with(monkeypatch, tmp_path, content: str | None):
     info = tmp_path / "_build_info.json"
     if content is not None:

@@ -18,8 +18,9 @@
 #include <vector>
 
 #include "../common.h"
+#include "launch.cuh"
 
-namespace dmgrd {
+namespace dmgrd::cuda_anomaly_map {
 namespace {
 
 constexpr int kPixelsPerBlock = 32;  // K1 blockDim.x
@@ -28,10 +29,6 @@ constexpr int kRowThreads = 256;     // K2 blockDim.x
 constexpr int kBlurThreads = 256;    // K3 blockDim.x
 constexpr int kMaxLevels = 8;
 constexpr int64_t kMaxRowBytes = 48 * 1024;
-
-struct Strides4 {
-  int64_t b, c, h, w;
-};
 
 template <typename acc_t>
 struct LevelMeta {
@@ -46,19 +43,9 @@ struct Levels {
   int count;
 };
 
-__device__ inline float device_sqrt(float x) { return sqrtf(x); }
-__device__ inline double device_sqrt(double x) { return sqrt(x); }
-
-// torch's clamp_min: NaN stays NaN.
-template <typename acc_t>
-__device__ inline acc_t clamp_norm(acc_t norm) {
-  const acc_t eps = static_cast<acc_t>(kCosineEps);
-  return norm < eps ? eps : norm;
-}
-
 template <typename acc_t>
 __device__ inline acc_t cosine_distance(acc_t dot, acc_t tt, acc_t ss) {
-  return acc_t(1) - dot / (clamp_norm(device_sqrt(tt)) * clamp_norm(device_sqrt(ss)));
+  return acc_t(1) - dot / (clamp_norm(acc_sqrt(tt)) * clamp_norm(acc_sqrt(ss)));
 }
 
 // K1. Block: kPixelsPerBlock pixels (x) of the flattened [B, H*W] range times kChannelGroups channel
@@ -183,16 +170,6 @@ __global__ void __launch_bounds__(kBlurThreads)
   out[idx] = blur_at(tmp + b * plane + j, out_w, i, out_h, taps, radius);
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-unsigned int grid_size(int64_t blocks, const char* kernel) {
-  TORCH_CHECK(blocks > 0 && blocks <= std::numeric_limits<int32_t>::max(), "dmgrd::anomaly_map (CUDA): ", kernel,
-              " needs ", blocks, " blocks, outside the supported range [1, 2^31 - 1]");
-  return static_cast<unsigned int>(blocks);
-}
-
-Strides4 strides_of(const at::Tensor& x) { return {x.stride(0), x.stride(1), x.stride(2), x.stride(3)}; }
-
 template <typename scalar_t, typename acc_t>
 at::Tensor level_distance(const at::Tensor& t, const at::Tensor& s, cudaStream_t stream) {
   const int64_t batch = t.size(0), channels = t.size(1), height = t.size(2), width = t.size(3);
@@ -200,7 +177,7 @@ at::Tensor level_distance(const at::Tensor& t, const at::Tensor& s, cudaStream_t
   const int64_t total = batch * height * width;
   const dim3 block(kPixelsPerBlock, kChannelGroups);
   cosine_distance_kernel<scalar_t, acc_t>
-      <<<grid_size(ceil_div(total, kPixelsPerBlock), "cosine distance"), block, 0, stream>>>(
+      <<<grid_x(ceil_div(total, kPixelsPerBlock), "anomaly_map: cosine distance"), block, 0, stream>>>(
           t.const_data_ptr<scalar_t>(), strides_of(t), s.const_data_ptr<scalar_t>(), strides_of(s), channels,
           height, width, total, dist.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -220,7 +197,7 @@ int64_t blur_row_bytes(int64_t out_w) {
 template <typename acc_t>
 void launch_combine_rows(const Levels<acc_t>& levels, Reduce reduce, int64_t batch, int64_t out_h, int64_t out_w,
                          const acc_t* taps, int64_t radius, int64_t row_bytes, acc_t* dst, cudaStream_t stream) {
-  combine_rows_kernel<acc_t><<<grid_size(batch * out_h, "upsample/combine"), kRowThreads, row_bytes, stream>>>(
+  combine_rows_kernel<acc_t><<<grid_x(batch * out_h, "anomaly_map: upsample/combine"), kRowThreads, row_bytes, stream>>>(
       levels, reduce, out_h, out_w, taps, radius, dst);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -229,7 +206,7 @@ template <typename acc_t>
 void launch_vertical_blur(const acc_t* tmp, int64_t batch, int64_t out_h, int64_t out_w, const acc_t* taps,
                           int64_t radius, acc_t* out, cudaStream_t stream) {
   const int64_t total = batch * out_h * out_w;
-  vertical_blur_kernel<acc_t><<<grid_size(ceil_div(total, kBlurThreads), "vertical blur"), kBlurThreads, 0, stream>>>(
+  vertical_blur_kernel<acc_t><<<grid_x(ceil_div(total, kBlurThreads), "anomaly_map: vertical blur"), kBlurThreads, 0, stream>>>(
       tmp, out_h, out_w, total, taps, radius, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -297,6 +274,6 @@ at::Tensor anomaly_map_cuda(at::TensorList teacher, at::TensorList student, at::
 }
 
 }  // namespace
-}  // namespace dmgrd
+}  // namespace dmgrd::cuda_anomaly_map
 
-TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) { m.impl("anomaly_map", &dmgrd::anomaly_map_cuda); }
+TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) { m.impl("anomaly_map", &dmgrd::cuda_anomaly_map::anomaly_map_cuda); }

@@ -15,7 +15,7 @@
 
 #include "../common.h"
 
-namespace dmgrd {
+namespace dmgrd::cuda_coreset {
 namespace {
 
 constexpr int kUpdateThreads = 256;
@@ -139,6 +139,6 @@ std::tuple<at::Tensor, at::Tensor> coreset_update_cuda(const at::Tensor& points_
 }
 
 }  // namespace
-}  // namespace dmgrd
+}  // namespace dmgrd::cuda_coreset
 
-TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) { m.impl("coreset_update", &dmgrd::coreset_update_cuda); }
+TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) { m.impl("coreset_update", &dmgrd::cuda_coreset::coreset_update_cuda); }

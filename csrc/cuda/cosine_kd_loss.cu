@@ -22,8 +22,9 @@
 #include <vector>
 
 #include "../cosine_kd_loss.h"
+#include "launch.cuh"
 
-namespace dmgrd {
+namespace dmgrd::cuda_cosine_kd_loss {
 namespace {
 
 constexpr int kMaxLevels = 8;
@@ -328,14 +329,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-unsigned int grid_size(int64_t blocks) {
-  TORCH_CHECK(blocks > 0 && blocks <= std::numeric_limits<int32_t>::max(), "dmgrd::cosine_kd_loss (CUDA): ", blocks,
-              " blocks, outside the supported range [1, 2^31 - 1]");
-  return static_cast<unsigned int>(blocks);
-}
-
 std::vector<kd::DenseLevel> checked_levels(at::TensorList teacher, at::TensorList student) {
   kd::check_features(teacher, student);
   TORCH_CHECK(teacher.size() <= static_cast<size_t>(kMaxLevels), "dmgrd::cosine_kd_loss (CUDA): at most ",
@@ -398,7 +391,7 @@ void forward_impl(const Table<scalar_t>& tab, bool pixel, at::Tensor& loss, at::
   acc_t* c = coeffs.mutable_data_ptr<acc_t>();
   acc_t* out = loss.mutable_data_ptr<acc_t>();
   if (pixel) {
-    pixel_sums_kernel<scalar_t, acc_t><<<grid_size(blocks), block, 0, stream>>>(tab, c, part);
+    pixel_sums_kernel<scalar_t, acc_t><<<grid_x(blocks, "cosine_kd_loss"), block, 0, stream>>>(tab, c, part);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     sum_kernel<acc_t><<<1, block, 0, stream>>>(part, blocks, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -406,9 +399,9 @@ void forward_impl(const Table<scalar_t>& tab, bool pixel, at::Tensor& loss, at::
   }
   constexpr int vec = kPackBytes / sizeof(scalar_t);
   if (packable(tab)) {
-    flat_sums_kernel<scalar_t, acc_t, vec><<<grid_size(blocks), block, 0, stream>>>(tab, part);
+    flat_sums_kernel<scalar_t, acc_t, vec><<<grid_x(blocks, "cosine_kd_loss"), block, 0, stream>>>(tab, part);
   } else {
-    flat_sums_kernel<scalar_t, acc_t, 1><<<grid_size(blocks), block, 0, stream>>>(tab, part);
+    flat_sums_kernel<scalar_t, acc_t, 1><<<grid_x(blocks, "cosine_kd_loss"), block, 0, stream>>>(tab, part);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   flat_rows_kernel<scalar_t, acc_t><<<1, block, 0, stream>>>(tab, part, c, out);
@@ -433,7 +426,7 @@ template <typename scalar_t, typename acc_t>
 void backward_impl(const Table<scalar_t>& tab, bool pixel, const at::Tensor& coeffs, const at::Tensor& grad) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 block(kWarp, kGroups);
-  const unsigned int blocks = grid_size(tab.block_begin[tab.count]);
+  const unsigned int blocks = grid_x(tab.block_begin[tab.count], "cosine_kd_loss");
   const acc_t* c = coeffs.const_data_ptr<acc_t>();
   const acc_t* g = grad.const_data_ptr<acc_t>();
   constexpr int vec = kPackBytes / sizeof(scalar_t);
@@ -472,9 +465,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cosine_kd_loss_back
 }
 
 }  // namespace
-}  // namespace dmgrd
+}  // namespace dmgrd::cuda_cosine_kd_loss
 
 TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) {
-  m.impl("cosine_kd_loss_forward", &dmgrd::cosine_kd_loss_forward_cuda);
-  m.impl("cosine_kd_loss_backward", &dmgrd::cosine_kd_loss_backward_cuda);
+  m.impl("cosine_kd_loss_forward", &dmgrd::cuda_cosine_kd_loss::cosine_kd_loss_forward_cuda);
+  m.impl("cosine_kd_loss_backward", &dmgrd::cuda_cosine_kd_loss::cosine_kd_loss_backward_cuda);
 }

@@ -6,7 +6,7 @@
 
 #include "nearest_search.cuh"
 
-namespace dmgrd {
+namespace dmgrd::cuda_dual_memory_margin {
 namespace {
 
 DualMarginOutputs dual_memory_margin_cuda(const at::Tensor& query, const at::Tensor& normal_bank,
@@ -19,6 +19,6 @@ DualMarginOutputs dual_memory_margin_cuda(const at::Tensor& query, const at::Ten
 }
 
 }  // namespace
-}  // namespace dmgrd
+}  // namespace dmgrd::cuda_dual_memory_margin
 
-TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) { m.impl("dual_memory_margin", &dmgrd::dual_memory_margin_cuda); }
+TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) { m.impl("dual_memory_margin", &dmgrd::cuda_dual_memory_margin::dual_memory_margin_cuda); }

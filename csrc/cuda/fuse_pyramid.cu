@@ -17,19 +17,14 @@
 #include <vector>
 
 #include "../fuse_pyramid.h"
+#include "launch.cuh"
 
-namespace dmgrd {
+namespace dmgrd::cuda_fuse_pyramid {
 namespace {
 
 constexpr int kPixelsPerBlock = 32;  // blockDim.x of the channel loops
 constexpr int kChannelGroups = 8;    // blockDim.y of the channel loops
 constexpr int kMapThreads = 256;     // blockDim.x of the per-pixel kernels
-
-struct Strides4 {
-  int64_t b, c, h, w;
-};
-
-Strides4 strides_of(const at::Tensor& x) { return {x.stride(0), x.stride(1), x.stride(2), x.stride(3)}; }
 
 // One pixel of the flattened [B, H*W] range: image b, flat index p in the image, row h, column w.
 struct Pixel {
@@ -186,10 +181,7 @@ __global__ void __launch_bounds__(kMapThreads)
 }
 
 unsigned int blocks_for(int64_t total, int64_t per_block) {
-  const int64_t blocks = (total + per_block - 1) / per_block;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dmgrd::fuse_pyramid (CUDA): ", total,
-              " pixels need more than 2^31 - 1 blocks");
-  return static_cast<unsigned int>(blocks);
+  return grid_x(ceil_div(total, per_block), "fuse_pyramid");
 }
 
 const dim3 kTileBlock(kPixelsPerBlock, kChannelGroups);
@@ -349,11 +341,11 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fuse_pyramid_backwa
 }
 
 }  // namespace
-}  // namespace dmgrd
+}  // namespace dmgrd::cuda_fuse_pyramid
 
 TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) {
-  m.impl("channel_pool", &dmgrd::channel_pool_cuda);
-  m.impl("channel_pool_backward", &dmgrd::channel_pool_backward_cuda);
-  m.impl("fuse_pyramid", &dmgrd::fuse_pyramid_cuda);
-  m.impl("fuse_pyramid_backward", &dmgrd::fuse_pyramid_backward_cuda);
+  m.impl("channel_pool", &dmgrd::cuda_fuse_pyramid::channel_pool_cuda);
+  m.impl("channel_pool_backward", &dmgrd::cuda_fuse_pyramid::channel_pool_backward_cuda);
+  m.impl("fuse_pyramid", &dmgrd::cuda_fuse_pyramid::fuse_pyramid_cuda);
+  m.impl("fuse_pyramid_backward", &dmgrd::cuda_fuse_pyramid::fuse_pyramid_backward_cuda);
 }

@@ -17,7 +17,7 @@
 
 #include "../common.h"
 
-namespace dmgrd {
+namespace dmgrd::cuda_image_score {
 namespace {
 
 constexpr int kScoreThreads = 1024;
@@ -201,6 +201,6 @@ at::Tensor image_score_cuda(const at::Tensor& anomaly_map, std::string_view mode
 }
 
 }  // namespace
-}  // namespace dmgrd
+}  // namespace dmgrd::cuda_image_score
 
-TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) { m.impl("image_score", &dmgrd::image_score_cuda); }
+TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) { m.impl("image_score", &dmgrd::cuda_image_score::image_score_cuda); }

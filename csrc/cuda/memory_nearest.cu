@@ -7,7 +7,7 @@
 
 #include "nearest_search.cuh"
 
-namespace dmgrd {
+namespace dmgrd::cuda_memory_nearest {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> memory_nearest_cuda(const at::Tensor& query, const at::Tensor& bank, int64_t k,
@@ -19,6 +19,6 @@ std::tuple<at::Tensor, at::Tensor> memory_nearest_cuda(const at::Tensor& query, 
 }
 
 }  // namespace
-}  // namespace dmgrd
+}  // namespace dmgrd::cuda_memory_nearest
 
-TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) { m.impl("memory_nearest", &dmgrd::memory_nearest_cuda); }
+TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) { m.impl("memory_nearest", &dmgrd::cuda_memory_nearest::memory_nearest_cuda); }

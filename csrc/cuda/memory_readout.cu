@@ -22,8 +22,9 @@
 #include <tuple>
 
 #include "../common.h"
+#include "launch.cuh"
 
-namespace dmgrd {
+namespace dmgrd::cuda_memory_readout {
 namespace {
 
 constexpr int kThreads = 256;
@@ -45,8 +46,6 @@ __device__ inline float device_exp(float x) { return expf(x); }
 __device__ inline double device_exp(double x) { return exp(x); }
 __device__ inline float device_log(float x) { return logf(x); }
 __device__ inline double device_log(double x) { return log(x); }
-__device__ inline float device_sqrt(float x) { return sqrtf(x); }
-__device__ inline double device_sqrt(double x) { return sqrt(x); }
 
 template <typename acc_t>
 __device__ inline acc_t inverse_norm(acc_t norm) {
@@ -156,7 +155,7 @@ __global__ void __launch_bounds__(kThreads)
   const int r = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kOut;
   const RowTile<scalar_t> q{query, static_cast<int64_t>(blockIdx.x) * kTile, n, dim};
-  const acc_t norm = device_sqrt(row_dot<scalar_t, acc_t>(q, q));
+  const acc_t norm = acc_sqrt(row_dot<scalar_t, acc_t>(q, q));
   const acc_t scale = inverse_norm(norm) * inv_t;
   acc_t run_max = -std::numeric_limits<acc_t>::infinity(), run_sum = 0, acc[kOut / kLanes] = {};
   for (int64_t j0 = 0; j0 < items; j0 += kTile) {
@@ -309,12 +308,8 @@ __global__ void __launch_bounds__(kThreads)
   if (blockIdx.y == 0 && lane == 0) score_grad_out[blockIdx.z * items + item] = score_grad;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 dim3 grid_of(int64_t x, int64_t y, int64_t z = 1) {
-  TORCH_CHECK(x <= std::numeric_limits<int32_t>::max() && y <= 65535 && z <= 65535,
-              "dmgrd::memory_readout (CUDA): grid ", x, " x ", y, " x ", z, " is out of range");
-  return dim3(static_cast<unsigned int>(x), static_cast<unsigned int>(y), static_cast<unsigned int>(z));
+  return dim3(grid_x(x, "memory_readout"), grid_yz(y, "memory_readout"), grid_yz(z, "memory_readout"));
 }
 
 void check_cuda(const at::Tensor& query) {
@@ -410,9 +405,9 @@ std::tuple<at::Tensor, at::Tensor> memory_readout_backward_cuda(const at::Tensor
 }
 
 }  // namespace
-}  // namespace dmgrd
+}  // namespace dmgrd::cuda_memory_readout
 
 TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) {
-  m.impl("memory_readout", &dmgrd::memory_readout_cuda);
-  m.impl("memory_readout_backward", &dmgrd::memory_readout_backward_cuda);
+  m.impl("memory_readout", &dmgrd::cuda_memory_readout::memory_readout_cuda);
+  m.impl("memory_readout_backward", &dmgrd::cuda_memory_readout::memory_readout_backward_cuda);
 }

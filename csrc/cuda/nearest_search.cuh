@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "launch.cuh"
 
 namespace dmgrd {
 namespace nearest_cuda {
@@ -229,20 +230,6 @@ __global__ void finish_kernel(Problem<scalar_t, acc_t> p, const acc_t* partial, 
   }
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline unsigned int grid_dim(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks > 0 && blocks <= std::numeric_limits<int32_t>::max(), "dmgrd nearest search (CUDA): ", what,
-              " needs ", blocks, " blocks");
-  return static_cast<unsigned int>(blocks);
-}
-
-inline unsigned int grid_yz(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks > 0 && blocks <= 65535, "dmgrd nearest search (CUDA): ", what, " needs ", blocks,
-              " blocks along y/z (at most 65535)");
-  return static_cast<unsigned int>(blocks);
-}
-
 // dist [banks, N, k] (accumulation dtype) and index [banks, N, k] int64.
 struct Result {
   at::Tensor dist, index;
@@ -267,7 +254,7 @@ Result search_typed(const at::Tensor& query, const std::vector<at::Tensor>& bank
   int64_t items = 0, tiles = 0;
   auto launch_terms = [&](const Rows<scalar_t>& rows, acc_t* out) {
     row_terms_kernel<scalar_t, acc_t, metric>
-        <<<grid_dim(ceil_div(rows.count, kTermThreads / 32), "row norms"), kTermThreads, 0, stream>>>(rows, depth,
+        <<<grid_x(ceil_div(rows.count, kTermThreads / 32), "nearest search: row norms"), kTermThreads, 0, stream>>>(rows, depth,
                                                                                                       out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -296,12 +283,13 @@ Result search_typed(const at::Tensor& query, const std::vector<at::Tensor>& bank
     const int64_t depth_per_split = ceil_div(ceil_div(depth, splits), kTileD) * kTileD;
     splits = ceil_div(depth, depth_per_split);
     at::Tensor partial = at::empty({splits, n, items}, acc_options);
-    const dim3 grid(grid_dim(qblocks, "partial products"), grid_yz(tiles, "partial products"),
-                    grid_yz(splits, "partial products"));
+    const dim3 grid(grid_x(qblocks, "nearest search: partial products"),
+                    grid_yz(tiles, "nearest search: partial products"),
+                    grid_yz(splits, "nearest search: partial products"));
     partial_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(p, depth_per_split, items,
                                                                     partial.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finish_kernel<scalar_t, acc_t, metric><<<grid_dim(ceil_div(nbanks * n, 128), "ranking"), 128, 0, stream>>>(
+    finish_kernel<scalar_t, acc_t, metric><<<grid_x(ceil_div(nbanks * n, 128), "nearest search: ranking"), 128, 0, stream>>>(
         p, partial.const_data_ptr<acc_t>(), splits, items, out_dist, out_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return result;
@@ -315,13 +303,13 @@ Result search_typed(const at::Tensor& query, const std::vector<at::Tensor>& bank
     parts = {at::empty({splits * nbanks, n, k}, acc_options),
              at::empty({splits * nbanks, n, k}, result.index.options())};
   }
-  const dim3 grid(grid_dim(qblocks, "search"), grid_yz(splits, "search"));
+  const dim3 grid(grid_x(qblocks, "nearest search"), grid_yz(splits, "nearest search"));
   search_kernel<scalar_t, acc_t, metric><<<grid, kThreads, 0, stream>>>(
       p, tiles_per_split, parts.dist.mutable_data_ptr<acc_t>(), parts.index.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     const int64_t lists = nbanks * n;
-    merge_kernel<acc_t><<<grid_dim(ceil_div(lists, 128), "merge"), 128, 0, stream>>>(
+    merge_kernel<acc_t><<<grid_x(ceil_div(lists, 128), "nearest search: merge"), 128, 0, stream>>>(
         parts.dist.const_data_ptr<acc_t>(), parts.index.const_data_ptr<int64_t>(), splits, lists, k, out_dist,
         out_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
