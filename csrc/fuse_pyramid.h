@@ -4,7 +4,6 @@
 // m_l = sigmoid(a_l) * up(m_{l+1}) with its backward, up being ATen's upsample_bilinear2d (align_corners=True).
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -32,15 +31,6 @@ DMGRD_HOST_DEVICE inline acc_t channel_max(acc_t max, acc_t sum, const scalar_t*
     if (v != v) return v;
   }
   return max;
-}
-
-template <typename acc_t>
-DMGRD_HOST_DEVICE inline acc_t sigmoid(acc_t x) {
-#ifdef __CUDA_ARCH__
-  return acc_t(1) / (acc_t(1) + ::exp(-x));  // CUDA's float and double overloads
-#else
-  return acc_t(1) / (acc_t(1) + std::exp(-x));
-#endif
 }
 
 // Bilinear resampling (align_corners=True) of a [in_h, in_w] plane to [out_h, out_w], as ATen computes it:
@@ -84,21 +74,17 @@ struct Upsample {
   }
 };
 
-// Attention mask at pixel (y, x) of a level: sigmoid(logit) * up(coarser mask), or sigmoid(logit) for the
+// Attention mask at pixel (y, x) of a level from s = sigmoid(logit) there: s * up(coarser mask), or s for the
 // coarsest level (coarse == nullptr).
 template <typename acc_t>
-DMGRD_HOST_DEVICE inline acc_t mask_at(acc_t logit, const acc_t* coarse, const Upsample<acc_t>& up, int64_t y,
-                                       int64_t x) {
-  const acc_t s = sigmoid(logit);
+DMGRD_HOST_DEVICE inline acc_t mask_at(acc_t s, const acc_t* coarse, const Upsample<acc_t>& up, int64_t y, int64_t x) {
   return coarse == nullptr ? s : s * up.sample(coarse, y, x);
 }
 
 // Backward of mask_at: returns dL/dlogit given dL/dmask and scatters dL/dup(coarser mask) into coarse_grad.
 template <typename acc_t, typename Add>
-DMGRD_HOST_DEVICE inline acc_t mask_backward_at(acc_t logit, acc_t grad_mask, const acc_t* coarse,
-                                                acc_t* coarse_grad, const Upsample<acc_t>& up, int64_t y, int64_t x,
-                                                Add add) {
-  const acc_t s = sigmoid(logit);
+DMGRD_HOST_DEVICE inline acc_t mask_backward_at(acc_t s, acc_t grad_mask, const acc_t* coarse, acc_t* coarse_grad,
+                                                const Upsample<acc_t>& up, int64_t y, int64_t x, Add add) {
   acc_t grad_s = grad_mask;
   if (coarse != nullptr) {
     up.scatter(coarse_grad, y, x, grad_mask * s, add);

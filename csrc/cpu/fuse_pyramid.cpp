@@ -178,27 +178,34 @@ Upsample<acc_t> level_upsample(const at::TensorList& logits, size_t l) {
   return Upsample<acc_t>::make(logits[l + 1].size(2), logits[l + 1].size(3), logits[l].size(2), logits[l].size(3));
 }
 
-// The attention masks [B, H_l * W_l] of every level, computed coarse to fine.
-template <typename scalar_t, typename acc_t>
-std::vector<at::Tensor> attention_masks(const at::TensorList& logits) {
+// sigmoid of every level's logits, [B, H_l * W_l] in acc_t (ATen's vectorised kernel).
+template <typename acc_t>
+std::vector<at::Tensor> sigmoids(const at::TensorList& logits) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& a : logits) {
+    out.push_back(at::sigmoid(a.to(c10::CppTypeToScalarType<acc_t>::value)).reshape({a.size(0), -1}).contiguous());
+  }
+  return out;
+}
+
+// The attention masks [B, H_l * W_l] of every level from the sigmoids of the logits, computed coarse to fine.
+template <typename acc_t>
+std::vector<at::Tensor> attention_masks(const at::TensorList& logits, const std::vector<at::Tensor>& sig) {
   const size_t levels = logits.size();
   std::vector<at::Tensor> masks(levels);
   for (size_t l = levels; l-- > 0;) {
-    const at::Tensor a = logits[l].contiguous();
-    const int64_t batch = a.size(0), height = a.size(2), width = a.size(3);
-    masks[l] = at::empty({batch, height * width}, a.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    masks[l] = at::empty_like(sig[l]);
+    const int64_t batch = logits[l].size(0), height = logits[l].size(2), width = logits[l].size(3);
     const Upsample<acc_t> up = level_upsample<acc_t>(logits, l);
     const acc_t* coarse = l + 1 < levels ? masks[l + 1].template const_data_ptr<acc_t>() : nullptr;
     const int64_t coarse_plane = up.in_h * up.in_w;
-    const scalar_t* in = a.const_data_ptr<scalar_t>();
+    const acc_t* s = sig[l].template const_data_ptr<acc_t>();
     acc_t* out = masks[l].template mutable_data_ptr<acc_t>();
     at::parallel_for(0, batch * height, grain(width), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / height, y = row % height;
         const acc_t* plane = coarse == nullptr ? nullptr : coarse + b * coarse_plane;
-        for (int64_t x = 0; x < width; ++x) {
-          out[row * width + x] = mask_at(static_cast<acc_t>(in[row * width + x]), plane, up, y, x);
-        }
+        for (int64_t x = 0; x < width; ++x) out[row * width + x] = mask_at(s[row * width + x], plane, up, y, x);
       }
     });
   }
@@ -220,7 +227,7 @@ DMGRD_CPU_CLONES void gate_block(const Dense& f, int64_t b, int64_t p0, int64_t 
 template <typename scalar_t>
 std::vector<at::Tensor> fuse_pyramid_typed(const at::TensorList& features, const at::TensorList& logits) {
   using acc_t = at::opmath_type<scalar_t>;
-  const std::vector<at::Tensor> masks = attention_masks<scalar_t, acc_t>(logits);
+  const std::vector<at::Tensor> masks = attention_masks<acc_t>(logits, sigmoids<acc_t>(logits));
   std::vector<at::Tensor> outputs;
   for (size_t l = 0; l < features.size(); ++l) {
     const Dense f(features[l]);
@@ -276,18 +283,18 @@ std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& grad, const D
 // Gradients of the logits, fine to coarse: each level adds its share of the gradient of up(coarser mask)
 // into the coarser level's mask gradient before that level is processed. Parallel over images.
 template <typename scalar_t, typename acc_t>
-std::vector<at::Tensor> logits_backward(const at::TensorList& logits, const std::vector<at::Tensor>& masks,
-                                        std::vector<at::Tensor>& grad_masks) {
+std::vector<at::Tensor> logits_backward(const at::TensorList& logits, const std::vector<at::Tensor>& sig,
+                                        const std::vector<at::Tensor>& masks, std::vector<at::Tensor>& grad_masks) {
   const size_t levels = logits.size();
   std::vector<at::Tensor> grad_logits;
   for (size_t l = 0; l < levels; ++l) {
-    const at::Tensor a = logits[l].contiguous();
+    const at::Tensor& a = logits[l];
     at::Tensor grad_a = at::empty(a.sizes(), a.options());
     const int64_t batch = a.size(0), width = a.size(3), pixels = a.size(2) * width;
     const Upsample<acc_t> up = level_upsample<acc_t>(logits, l);
     const bool coarsest = l + 1 == levels;
     const int64_t coarse_plane = up.in_h * up.in_w;
-    const scalar_t* in = a.const_data_ptr<scalar_t>();
+    const acc_t* s = sig[l].template const_data_ptr<acc_t>();
     const acc_t* gm = grad_masks[l].template const_data_ptr<acc_t>();
     const acc_t* coarse = coarsest ? nullptr : masks[l + 1].template const_data_ptr<acc_t>();
     acc_t* coarse_grad = coarsest ? nullptr : grad_masks[l + 1].template mutable_data_ptr<acc_t>();
@@ -298,7 +305,7 @@ std::vector<at::Tensor> logits_backward(const at::TensorList& logits, const std:
         acc_t* grad_plane = coarsest ? nullptr : coarse_grad + b * coarse_plane;
         for (int64_t p = b * pixels; p < (b + 1) * pixels; ++p) {
           const int64_t y = (p % pixels) / width, x = p % width;
-          const acc_t ga = mask_backward_at(static_cast<acc_t>(in[p]), gm[p], plane, grad_plane, up, y, x,
+          const acc_t ga = mask_backward_at(s[p], gm[p], plane, grad_plane, up, y, x,
                                             [](acc_t* dst, acc_t v) { *dst += v; });
           out[p] = static_cast<scalar_t>(ga);
         }
@@ -313,14 +320,15 @@ template <typename scalar_t>
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fuse_pyramid_backward_typed(
     const at::TensorList& grads, const at::TensorList& features, const at::TensorList& logits) {
   using acc_t = at::opmath_type<scalar_t>;
-  const std::vector<at::Tensor> masks = attention_masks<scalar_t, acc_t>(logits);
+  const std::vector<at::Tensor> sig = sigmoids<acc_t>(logits);
+  const std::vector<at::Tensor> masks = attention_masks<acc_t>(logits, sig);
   std::vector<at::Tensor> grad_features, grad_masks;
   for (size_t l = 0; l < features.size(); ++l) {
     auto [grad_f, grad_mask] = gate_backward<scalar_t, acc_t>(grads[l], Dense(features[l]), masks[l]);
     grad_features.push_back(grad_f);
     grad_masks.push_back(grad_mask);
   }
-  return {grad_features, logits_backward<scalar_t, acc_t>(logits, masks, grad_masks)};
+  return {grad_features, logits_backward<scalar_t, acc_t>(logits, sig, masks, grad_masks)};
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fuse_pyramid_backward_cpu(

@@ -45,6 +45,9 @@ __device__ inline Pixel thread_pixel(int64_t pixels, int64_t width, int64_t tota
   return Pixel(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, pixels, width, total);
 }
 
+__device__ inline float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+__device__ inline double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+
 struct AtomicAdd {
   template <typename T>
   __host__ __device__ void operator()(T* dst, T v) const {
@@ -116,7 +119,7 @@ __global__ void __launch_bounds__(kMapThreads)
   const Pixel px = thread_pixel(pixels, width, total);
   if (!px.valid) return;
   const acc_t* plane = coarse == nullptr ? nullptr : coarse + px.b * up.in_h * up.in_w;
-  masks[px.flat(pixels)] = mask_at(static_cast<acc_t>(logits[px.offset(as)]), plane, up, px.h, px.w);
+  masks[px.flat(pixels)] = mask_at(sigmoid(static_cast<acc_t>(logits[px.offset(as)])), plane, up, px.h, px.w);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -174,7 +177,7 @@ __global__ void __launch_bounds__(kMapThreads)
   if (!px.valid) return;
   const int64_t plane = px.b * up.in_h * up.in_w;
   const bool coarsest = coarse == nullptr;
-  const acc_t ga = mask_backward_at(static_cast<acc_t>(logits[px.offset(as)]), grad_masks[px.flat(pixels)],
+  const acc_t ga = mask_backward_at(sigmoid(static_cast<acc_t>(logits[px.offset(as)])), grad_masks[px.flat(pixels)],
                                     coarsest ? nullptr : coarse + plane, coarsest ? nullptr : coarse_grad + plane,
                                     up, px.h, px.w, AtomicAdd());
   grad_logits[px.flat(pixels)] = static_cast<scalar_t>(ga);
