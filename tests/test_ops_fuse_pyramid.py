@@ -29,6 +29,7 @@ PYRAMIDS = {
     "same-size": [(3, 6, 5), (2, 6, 5)],
     "one-level": [(4, 5, 6)],
     "one-pixel": [(3, 2, 3), (2, 1, 1)],
+    "large": [(128, 64, 64), (16, 32, 32)],  # outputs of MiBs: the C++ kernels back them with huge pages
 }
 TRITON_PYRAMID = [(3, 6, 7), (4, 3, 4), (5, 2, 2)]  # tiny, for the interpreter
 
@@ -153,7 +154,8 @@ def _msff_case(gen, sizes):
     with torch.no_grad():  # random weights (the non-local blocks start as the identity: make them matter)
         for p in msff.parameters():
             p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
-    inputs = [torch.randn(2, 2 * c, h, w, generator=gen, dtype=torch.float64).requires_grad_() for c, (h, w) in zip((4, 6, 8), sizes)]
+    inputs = [torch.randn(2, 2 * c, h, w, generator=gen, dtype=torch.float64).requires_grad_()
+              for c, (h, w) in zip((4, 6, 8), sizes)]
     return msff, inputs
 
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../cosine_kd_loss.h"
+#include "huge_pages.h"
 
 namespace dmgrd {
 namespace {
@@ -247,8 +248,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cosine_kd_loss_back
     for (size_t l = 0; l < teacher.size(); ++l) {
       const kd::DenseLevel dense = kd::dense_level(teacher[l], student[l]);
       const Level<scalar_t> lv(dense);
-      grads_s.push_back(kd::empty_grad(dense, student[l]));
-      if (teacher_grad) grads_t.push_back(kd::empty_grad(dense, teacher[l]));
+      grads_s.push_back(with_huge_pages(kd::empty_grad(dense, student[l])));
+      if (teacher_grad) grads_t.push_back(with_huge_pages(kd::empty_grad(dense, teacher[l])));
       scalar_t* gt = teacher_grad ? grads_t.back().mutable_data_ptr<scalar_t>() : nullptr;
       level_backward<scalar_t, acc_t>(lv, pixel, c, grads_s.back().mutable_data_ptr<scalar_t>(), gt);
       c += 3 * (pixel ? lv.batch * lv.pixels : lv.batch);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../fuse_pyramid.h"
+#include "huge_pages.h"
 
 // The per-block loops come in an AVX2 and a baseline version, picked at load time (ifunc).
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
@@ -49,7 +50,7 @@ struct Dense {
   at::MemoryFormat format() const {
     return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   }
-  at::Tensor empty() const { return dense_like(t); }
+  at::Tensor empty() const { return with_huge_pages(dense_like(t)); }
 };
 
 // body(i, offset) for every channel and every pixel p0 + i of [p0, p1) of one image, offset being the element's
