@@ -109,7 +109,10 @@ def _as_levels(feats, name: str) -> list[torch.Tensor]:
     return list(feats)
 
 
-def _check_features(teacher_feats, student_feats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def check_feature_pairs(teacher_feats, student_feats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Teacher and student feature levels as lists, checked to pair up: 4-D floating tensors on one device, the
+    same shape per level, one batch size, nothing empty; a level's two dtypes are promoted to a common one.
+    The ValueError names the first level and tensor that fails."""
     teacher = _as_levels(teacher_feats, "teacher_feats")
     student = _as_levels(student_feats, "student_feats")
     if len(teacher) != len(student):
@@ -182,7 +185,7 @@ def anomaly_map(
     Returns:
         float32 map (float64 for float64 inputs) on the inputs' device. NaN in the inputs propagates.
     """
-    teacher, student = _check_features(teacher_feats, student_feats)
+    teacher, student = check_feature_pairs(teacher_feats, student_feats)
     size = _normalise_out_size(out_size)
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from dmgrd import _extension
 from dmgrd.ops._dispatch import Op
-from dmgrd.ops.anomaly_map import _check_features
+from dmgrd.ops.anomaly_map import check_feature_pairs
 
 REDUCTIONS = ("flatten", "pixel")
 
@@ -131,7 +131,7 @@ def cosine_kd_loss(
         a float32 scalar (float64 for float64 inputs), differentiable with respect to both feature lists.
         Mixed dtypes are promoted to a common one first. An empty batch gives NaN, the mean of nothing.
     """
-    teacher, student = _check_features(teacher_feats, student_feats)
+    teacher, student = check_feature_pairs(teacher_feats, student_feats)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     dtypes = {t.dtype for t in teacher}
