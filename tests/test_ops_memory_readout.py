@@ -62,8 +62,14 @@ def check_against_reference(backend, query, bank, temperature, grad):
     assert ((out - ref).abs() <= atol + atol * ref.abs()).all(), f"forward max error {(out - ref).abs().max()}"
     for name, g, r in zip(("query", "bank"), got[1:], expected[1:]):
         assert g.dtype == r.dtype and g.shape == r.shape
-        err = (g.cpu().double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1.0)
-        assert err <= grad_tol, f"grad {name}: error {err} relative to the largest reference gradient (or 1)"
+        assert_gradient_close(g, r, grad_tol, name)
+
+
+def assert_gradient_close(got, ref, tol, name):
+    """Max error relative to the largest reference gradient (or 1): every element sums terms that large, so
+    float32 rounding scales with it, not with the element (small elements carry that absolute error too)."""
+    err = (got.cpu().double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1.0)
+    assert err <= tol, f"grad {name}: error {err} relative to the largest reference gradient (or 1)"
 
 
 def skip_unless_runs(backend, device, dtype):
@@ -77,8 +83,13 @@ def skip_unless_runs(backend, device, dtype):
 def test_reference_limits(gen):
     query, bank, _ = random_inputs(gen, 9, 6, 5)
     cos = F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T
-    nearest = bank[cos.argmax(1)]
-    assert torch.allclose(ops.memory_readout_reference(query, bank, 1e-4), nearest, atol=1e-4)
+    best = cos.argmax(1)
+    # At a small temperature the readout is the nearest item m_b plus sum_j w_j (m_j - m_b) with every weight
+    # w_j <= exp(-(cos_b - cos_j) / T): within that bound of m_b (about 0 where the nearest item is clear, but
+    # random items can come within T of each other's cosine).
+    runner_up_weights = torch.exp((cos - cos.gather(1, best[:, None])) / 1e-4)
+    bound = (runner_up_weights[:, :, None] * (bank[None] - bank[best][:, None]).abs()).sum(1)
+    assert ((ops.memory_readout_reference(query, bank, 1e-4) - bank[best]).abs() <= bound + 1e-4).all()
     uniform = ops.memory_readout_reference(query, bank, 1e6)
     assert torch.allclose(uniform, bank.mean(0).expand_as(uniform), atol=1e-4)
     assert torch.allclose(ops.memory_readout_reference(3 * query, bank, 0.2),
@@ -226,5 +237,5 @@ def test_compiles_through_the_autograd_function(gen):
 
     grads = torch.autograd.grad(loss(query.requires_grad_(), bank.requires_grad_()), (query, bank))
     expected = torch.autograd.grad(ops.memory_readout_reference(query, bank, 0.1).square().sum(), (query, bank))
-    for got, ref in zip(grads, expected):
-        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+    for name, got, ref in zip(("query", "bank"), grads, expected):
+        assert_gradient_close(got, ref, TOLERANCE[torch.float32][1], name)

@@ -33,6 +33,15 @@ def fitted_rdpp(preset="clean", steps=1, seed=0, **options):
     return model, model.fit(data, steps=steps, batch_size=2, progress=False)
 
 
+def near_a_simplex_face(points: torch.Tensor, distance: float) -> torch.Tensor:
+    """Points [..., 3] within ``distance`` of a face of the simplex grid (in skewed coordinates) but not on it:
+    a cell face (an integer skewed coordinate) or a face between a cell's simplices (two equal fractions)."""
+    skewed = points + points.sum(-1, keepdim=True) / 3
+    frac = skewed - skewed.floor()
+    gaps = torch.cat([frac, 1 - frac, (frac[..., [0, 1, 0]] - frac[..., [1, 2, 2]]).abs()], dim=-1)
+    return ((gaps > 0) & (gaps < distance)).any(-1)
+
+
 def reference_noise(table: list[int], x: float, y: float, z: float) -> float:
     """noise.perlin's pure-python simplex noise, summed over the RD++ octaves."""
     ref = SimplexNoise(permutation_table=table)
@@ -55,20 +64,27 @@ def test_simplex_noise3_matches_the_noise_package(gen):
     torch.testing.assert_close(shared[1], values[1], atol=0, rtol=0)
     assert not torch.allclose(shared[0], values[0])
     values32 = S.simplex_noise3(points.float(), tables)
-    torch.testing.assert_close(values32, values.float(), atol=1e-4, rtol=0)
+    # Rounding to float32 can move a point lying within ~1e-6 of a simplex face (not on it) across the face, where
+    # the reference kernel jumps: compare away from those. Points on a face (above) are exact in float32 too.
+    away = ~near_a_simplex_face(points, 1e-4)
+    assert away.float().mean() > 0.9
+    torch.testing.assert_close(values32[away], values.float()[away], atol=1e-4, rtol=0)
     assert values.abs().max() <= 1
 
 
 def test_simplex_patch_adds_scaled_noise_to_one_rectangle(gen):
     images = torch.rand(3, 3, 64, 80, generator=gen, dtype=torch.float64)  # float64: exact parity below
-    images[2] = 1.0
     tables = S.simplex_permutations(3, gen)
+    state = gen.get_state()
     noisy, mask = S.simplex_patch(images, gen, tables)
     assert noisy.shape == images.shape and mask.shape == (3, 1, 64, 80)
     diff = noisy - images
     assert torch.all(diff[mask.expand_as(diff) == 0] == 0)
     assert diff.abs().max() <= 0.2 * OCTAVE_AMPLITUDES
-    assert (noisy[2] > 1).any()  # not clipped
+    for level in (0.0, 1.0):  # not clipped: black and white images get the same noise (of either sign)
+        gen.set_state(state)
+        saturated, _ = S.simplex_patch(torch.full_like(images, level), gen, tables)
+        torch.testing.assert_close(saturated - level, diff, atol=1e-12, rtol=0)
     for b in range(3):
         rows, cols = mask[b, 0].any(1).nonzero()[:, 0], mask[b, 0].any(0).nonzero()[:, 0]
         top, left, height, width = int(rows[0]), int(cols[0]), len(rows), len(cols)
