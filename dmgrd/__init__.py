@@ -4,7 +4,11 @@
 :class:`Prediction`; ``dmgrd.evaluate(model, test_data)``; ``model.save(path)`` / ``dmgrd.load(path)``.
 """
 
-from dmgrd import data, metrics, ops
+from dmgrd._source_tree import alias_source_kernels
+
+alias_source_kernels()
+
+from dmgrd import data, metrics, ops  # noqa: E402  (after the kernels alias)
 from dmgrd.engine import evaluate, fit
 from dmgrd.models import (
     DMGRD,

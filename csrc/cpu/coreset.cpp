@@ -1,5 +1,6 @@
 // CPU kernel of dmgrd::coreset_update: one pass over the points computes each squared distance to the center,
-// lowers min_dist and keeps the farthest point of each chunk of rows; the chunks are merged in row order.
+// lowers min_dist and keeps the farthest point of each chunk of rows; the chunks (sized from the data, not the
+// thread count) are merged in row order.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -70,12 +71,12 @@ std::tuple<at::Tensor, at::Tensor> coreset_update_cpu(const at::Tensor& points_i
     const at::Tensor center_acc = center_in.to(min_dist.scalar_type()).contiguous();
     const acc_t* center = center_acc.const_data_ptr<acc_t>();
     const int64_t grain = std::max<int64_t>(1, kGrainWork / std::max<int64_t>(dim, 1));
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), at::divup(rows, grain)));
+    const int64_t chunks = at::divup(rows, grain);
     std::vector<Farthest<acc_t>> best(chunks);
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
         best[c] = update_rows(points.const_data_ptr<scalar_t>(), center, min_dist.const_data_ptr<acc_t>(),
-                              new_min.mutable_data_ptr<acc_t>(), dim, c * rows / chunks, (c + 1) * rows / chunks);
+                              new_min.mutable_data_ptr<acc_t>(), dim, c * grain, std::min(rows, (c + 1) * grain));
       }
     });
     Farthest<acc_t> result = best[0];

@@ -1,187 +1,261 @@
 // CPU kernels of dmgrd::memory_readout and its backward, flash-attention style: blocks of queries run in
 // parallel; each meets the bank tile by tile. The queries scaled by 1 / (|q| T) times the normalised bank tile
-// (one BLAS product, at::mm) are the scores; the online softmax (running max and sum) uses ATen's vectorised
-// elementwise ops on these cache-sized tiles, the backward's dS = P (dP - rowsum(dO * O)) one fused loop. Backward
-// recomputes P from the saved logsumexp; each parallel chunk sums its bank gradient privately and the chunks
-// are added at the end (deterministic).
+// (gemm.h) are the scores; the online softmax keeps a running max and sum per query. Backward recomputes P
+// from the saved logsumexp, dS = P (dP - rowsum(dO * O)). Blocks have a fixed size and chunks of blocks a fixed
+// count, both from the sizes alone; each chunk sums its bank gradient privately, chunks are added in order and
+// every product sums in a fixed order (gemm.h), so the results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "../common.h"
+#include "gemm.h"
 
 namespace dmgrd {
 namespace {
 
-constexpr int64_t kBankTile = 256;
+constexpr int64_t kBankTile = 256;                // a multiple of the gemm panel width
 constexpr int64_t kTileScores = 128 * kBankTile;  // scores per (query block, bank tile): fits in L2 with its kin
-constexpr int64_t kMinBlockWork = 1 << 20;        // multiply-adds of a block worth a thread of its own
+constexpr int64_t kMaxChunks = 16;                // private bank gradients of the backward, at most
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Queries per block: one block per thread unless blocks would do little work, at most kTileScores per tile.
-int64_t block_rows(int64_t n, int64_t items, int64_t dim) {
-  const int64_t per_thread = std::max(ceil_div(n, at::get_num_threads()), ceil_div(kMinBlockWork, items * dim));
-  return std::min(per_thread, kTileScores / std::min(items, kBankTile));
+// Queries per block, from the sizes only: as many as keep a tile of scores in L2.
+int64_t block_rows(int64_t n, int64_t items) {
+  return std::min(std::max<int64_t>(n, 1), kTileScores / std::min(items, kBankTile));
 }
 
-// The bank in the accumulation dtype: raw values, keys m_j / |m_j| and the inverse norms.
+// The bank in the accumulation dtype: raw values [M, D], 1 / max(|m_j|, eps), the weight of each norm's own
+// gradient (1 / |m_j|^2 where it is not clamped, else 0), and the packings the products read.
+template <typename acc_t>
 struct Bank {
-  at::Tensor values, keys;  // [M, D], contiguous
-  InverseNorms norms;
+  at::Tensor values;
+  std::vector<acc_t> inverse, grad_weight;
+  gemm::Packed<acc_t> keys_t;    // keys^T [D, M]: scores = scaled queries * keys^T
+  gemm::Packed<acc_t> values_t;  // values^T [D, M]: dP = dO * values^T
+  gemm::Packed<acc_t> rows;      // values [M, D]: read-out = P * values
 
-  Bank(const at::Tensor& bank, at::ScalarType acc)
-      : values(bank.to(acc).contiguous()), norms(inverse_norms(values)) {
-    keys = values * norms.inverse.unsqueeze(1);
+  Bank(const at::Tensor& bank, bool backward) : values(bank.to(c10::CppTypeToScalarType<acc_t>::value).contiguous()) {
+    const int64_t m = values.size(0), d = values.size(1);
+    const acc_t* v = values.const_data_ptr<acc_t>();
+    inverse.resize(m);
+    grad_weight.resize(m);
+    std::vector<acc_t> keys(m * d);
+    for (int64_t j = 0; j < m; ++j) {
+      const acc_t norm = acc_sqrt(gemm::sum_squares(v + j * d, d));
+      inverse[j] = acc_t(1) / clamp_norm(norm, kNormEps);
+      grad_weight[j] = norm >= static_cast<acc_t>(kNormEps) ? inverse[j] * inverse[j] : acc_t(0);
+      for (int64_t c = 0; c < d; ++c) keys[j * d + c] = v[j * d + c] * inverse[j];
+    }
+    keys_t = gemm::pack<acc_t>(keys.data(), d, m, 1, d);
+    rows = gemm::pack<acc_t>(v, m, d, d, 1);
+    if (backward) values_t = gemm::pack<acc_t>(v, d, m, 1, d);
   }
 
   int64_t size() const { return values.size(0); }
+  int64_t dim() const { return values.size(1); }
   int64_t tile_size(int64_t j0) const { return std::min(kBankTile, size() - j0); }
+  int64_t panel(int64_t j) const { return j / gemm::Packed<acc_t>::kPanel; }
+  int64_t panel_end(int64_t j0) const { return ceil_div(j0 + tile_size(j0), gemm::Packed<acc_t>::kPanel); }
 };
 
-// Rows [i0, i0 + rows) of x in the accumulation dtype, contiguous.
-at::Tensor block_of(const at::Tensor& x, int64_t i0, int64_t rows, at::ScalarType acc) {
-  return x.narrow(0, i0, rows).to(acc).contiguous();
+// Rows [i0, i0 + rows) of x, contiguous, in the accumulation dtype.
+template <typename acc_t>
+at::Tensor block_of(const at::Tensor& x, int64_t i0, int64_t rows) {
+  return x.narrow(0, i0, rows).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
 }
 
 // 1 / (max(|q_i|, eps) T) per query: the queries scaled by it have dot products with the keys equal to the scores.
-at::Tensor score_scale(const at::Tensor& norm, double temperature) {
-  return norm.clamp_min(kNormEps).reciprocal_().div_(temperature);
+template <typename acc_t>
+acc_t score_scale(acc_t norm, double temperature) {
+  return acc_t(1) / clamp_norm(norm, kNormEps) / static_cast<acc_t>(temperature);
 }
 
-// Forward of one query block: the read-out (divided by the softmax sums) and each query's logsumexp.
-std::tuple<at::Tensor, at::Tensor> forward_block(const at::Tensor& scaled, const Bank& bank) {
-  const int64_t rows = scaled.size(0);
-  at::Tensor run_max = at::full({rows}, -std::numeric_limits<double>::infinity(), scaled.options());
-  at::Tensor run_sum = at::zeros({rows}, scaled.options());
-  at::Tensor acc = at::zeros({rows, bank.values.size(1)}, scaled.options());
-  for (int64_t j0 = 0; j0 < bank.size(); j0 += kBankTile) {
-    const int64_t cols = bank.tile_size(j0);
-    at::Tensor p = at::mm(scaled, bank.keys.narrow(0, j0, cols).t());  // scores, then exp(s - running max)
-    const at::Tensor new_max = at::maximum(run_max, p.amax(1));
-    const at::Tensor alpha = (run_max - new_max).exp_();
-    p.sub_(new_max.unsqueeze(1)).exp_();
-    run_sum.mul_(alpha).add_(p.sum(1));
-    acc.mul_(alpha.unsqueeze(1)).addmm_(p, bank.values.narrow(0, j0, cols));
-    run_max = new_max;
-  }
-  return {acc.div_(run_sum.unsqueeze(1)), run_max.add_(run_sum.log_())};
-}
+// A query block: its rows, their norms and the rows scaled by score_scale.
+template <typename acc_t>
+struct QueryBlock {
+  at::Tensor query;
+  std::vector<acc_t> norm, scale, scaled;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& query, const at::Tensor& bank_in,
-                                                       double temperature) {
-  const at::ScalarType acc = accumulation_dtype(query.scalar_type());
-  const Bank bank(bank_in, acc);
-  const int64_t n = query.size(0);
-  at::Tensor out = at::empty_like(query, at::MemoryFormat::Contiguous);
-  at::Tensor lse = at::empty({n}, bank.values.options());
-  at::Tensor query_norm = at::empty({n}, bank.values.options());
-  const int64_t block_size = block_rows(n, bank.size(), query.size(1));
-  at::parallel_for(0, ceil_div(n, block_size), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t i0 = block * block_size, rows = std::min(block_size, n - i0);
-      const at::Tensor q = block_of(query, i0, rows, acc);
-      const at::Tensor norm = query_norm.narrow(0, i0, rows).copy_(q.square().sum(1).sqrt_());
-      auto [read_out, block_lse] = forward_block(q * score_scale(norm, temperature).unsqueeze(1), bank);
-      out.narrow(0, i0, rows).copy_(read_out);
-      lse.narrow(0, i0, rows).copy_(block_lse);
+  QueryBlock(const at::Tensor& q, double temperature) : query(q) {
+    const int64_t rows = q.size(0), d = q.size(1);
+    const acc_t* x = q.const_data_ptr<acc_t>();
+    norm.resize(rows);
+    scale.resize(rows);
+    scaled.resize(rows * d);
+    for (int64_t i = 0; i < rows; ++i) {
+      norm[i] = acc_sqrt(gemm::sum_squares(x + i * d, d));
+      scale[i] = score_scale(norm[i], temperature);
+      for (int64_t c = 0; c < d; ++c) scaled[i * d + c] = x[i * d + c] * scale[i];
     }
-  });
-  return {out, lse, query_norm};
-}
+  }
 
-// Saved forward data of one query block for backward.
-struct SavedBlock {
-  at::Tensor query, grad_out, lse, norm, delta;  // delta_i = <dO_i, O_i>
+  int64_t rows() const { return query.size(0); }
+  gemm::Strided<acc_t> scaled_rows() const { return {scaled.data(), query.size(1), 1}; }
 };
 
-// For a tile of scores s, probabilities p and dP: dS = p (dP - delta_i) and its products dS * s, summed into
-// `row_sum` (per query) and `col_sum` (per item); dP is overwritten with E' = dS / |m_j|.
+// Scores [rows, cols] of bank tile j0 for a query block.
 template <typename acc_t>
-void score_grads(const at::Tensor& s, const at::Tensor& p, at::Tensor& dp, const at::Tensor& delta,
-                 const at::Tensor& inverse, at::Tensor& row_sum, at::Tensor& col_sum) {
-  const int64_t rows = s.size(0), cols = s.size(1);
-  const acc_t *sp = s.const_data_ptr<acc_t>(), *pp = p.const_data_ptr<acc_t>();
-  const acc_t *dl = delta.const_data_ptr<acc_t>(), *inv = inverse.const_data_ptr<acc_t>();
-  acc_t *e = dp.mutable_data_ptr<acc_t>(), *rs = row_sum.mutable_data_ptr<acc_t>(), *cs = col_sum.mutable_data_ptr<acc_t>();
-  for (int64_t i = 0; i < rows; ++i) {
-    acc_t total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < cols; ++j) {
-      const int64_t ij = i * cols + j;
-      const acc_t ds = pp[ij] * (e[ij] - dl[i]);
-      total += ds * sp[ij];
-      cs[j] += ds * sp[ij];
-      e[ij] = ds * inv[j];
-    }
-    rs[i] += total;
-  }
+void tile_scores(const QueryBlock<acc_t>& q, const Bank<acc_t>& bank, int64_t j0, acc_t* scores) {
+  gemm::multiply<acc_t>(q.rows(), q.scaled_rows(), bank.keys_t, 0, bank.dim(), bank.panel(j0), bank.panel_end(j0),
+                        scores, bank.tile_size(j0), false);
 }
 
-// Backward of one query block: returns its query gradient; adds its bank-gradient terms to `bank_grad`
-// ([M, D]: sum_i P_ij dO_i + sum_i dS_ij q_i / (|q_i| |m_j| T)) and `score_grad` ([M]: sum_i dS_ij s_ij).
-at::Tensor backward_block(const SavedBlock& saved, const Bank& bank, double temperature, at::Tensor& bank_grad,
-                          at::Tensor& score_grad) {
-  const at::Tensor scale = score_scale(saved.norm, temperature);
-  const at::Tensor scaled = saved.query * scale.unsqueeze(1);
-  at::Tensor dq = at::zeros_like(saved.query);  // sum_j dS_ij m_j / |m_j|
-  at::Tensor row_score_grad = at::zeros_like(saved.lse);
+// Forward of one query block: the read-out rows and each query's logsumexp.
+template <typename acc_t>
+void forward_block(const QueryBlock<acc_t>& q, const Bank<acc_t>& bank, acc_t* out, acc_t* lse) {
+  const int64_t rows = q.rows(), d = bank.dim();
+  std::vector<acc_t> run_max(rows, -std::numeric_limits<acc_t>::infinity()), run_sum(rows, acc_t(0));
+  std::vector<acc_t> acc(rows * d, acc_t(0)), p(rows * kBankTile);
   for (int64_t j0 = 0; j0 < bank.size(); j0 += kBankTile) {
     const int64_t cols = bank.tile_size(j0);
-    const at::Tensor values = bank.values.narrow(0, j0, cols);
-    const at::Tensor s = at::mm(scaled, bank.keys.narrow(0, j0, cols).t());
-    const at::Tensor p = (s - saved.lse.unsqueeze(1)).exp_();
-    at::Tensor e = at::mm(saved.grad_out, values.t());
-    at::Tensor tile_score_grad = score_grad.narrow(0, j0, cols);
-    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "dmgrd_memory_readout_score_grads", [&] {
-      score_grads<scalar_t>(s, p, e, saved.delta, bank.norms.inverse.narrow(0, j0, cols), row_score_grad,
-                            tile_score_grad);
-    });
-    dq.addmm_(e, values);
-    bank_grad.narrow(0, j0, cols).addmm_(p.t(), saved.grad_out).addmm_(e.t(), scaled);
+    tile_scores(q, bank, j0, p.data());
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t* row = p.data() + i * cols;
+      acc_t new_max = run_max[i];
+      for (int64_t j = 0; j < cols; ++j) new_max = std::max(new_max, row[j]);
+      const acc_t alpha = std::exp(run_max[i] - new_max);
+      acc_t total = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        row[j] = std::exp(row[j] - new_max);
+        total += row[j];
+      }
+      run_sum[i] = run_sum[i] * alpha + total;
+      run_max[i] = new_max;
+      for (int64_t c = 0; c < d; ++c) acc[i * d + c] *= alpha;
+    }
+    gemm::multiply<acc_t>(rows, {p.data(), cols, 1}, bank.rows, j0, cols, 0, bank.rows.panels(), acc.data(), d, true);
   }
-  const at::Tensor weight = norm_grad_weight(saved.norm).mul_(row_score_grad);
-  return dq.mul_(scale.unsqueeze(1)).sub_(saved.query * weight.unsqueeze(1));
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = 0; c < d; ++c) out[i * d + c] = acc[i * d + c] / run_sum[i];
+    lse[i] = run_max[i] + std::log(run_sum[i]);
+  }
 }
 
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& query,
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> readout_forward(const at::Tensor& query, const at::Tensor& bank_in,
+                                                       double temperature) {
+  const Bank<acc_t> bank(bank_in, false);
+  const int64_t n = query.size(0), d = query.size(1);
+  at::Tensor out = at::empty({n, d}, bank.values.options());
+  at::Tensor lse = at::empty({n}, bank.values.options());
+  at::Tensor query_norm = at::empty({n}, bank.values.options());
+  const int64_t block_size = block_rows(n, bank.size());
+  at::parallel_for(0, ceil_div(n, block_size), 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads do not inherit it
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t i0 = block * block_size, rows = std::min(block_size, n - i0);
+      const QueryBlock<acc_t> q(block_of<acc_t>(query, i0, rows), temperature);
+      forward_block(q, bank, out.mutable_data_ptr<acc_t>() + i0 * d, lse.mutable_data_ptr<acc_t>() + i0);
+      std::copy(q.norm.begin(), q.norm.end(), query_norm.mutable_data_ptr<acc_t>() + i0);
+    }
+  });
+  return {out.to(query.scalar_type()), lse, query_norm};
+}
+
+// The bank-side sums of one chunk of query blocks: sum_i P_ij dO_i + sum_i dS_ij q_i / (|q_i| |m_j| T) per item
+// [M, D], and sum_i dS_ij s_ij per item [M].
+template <typename acc_t>
+struct BankGrad {
+  std::vector<acc_t> rows, score;
+  BankGrad(int64_t m, int64_t d) : rows(m * d, acc_t(0)), score(m, acc_t(0)) {}
+};
+
+// Backward of one query block: writes its query gradient, adds its bank terms to `grad`.
+template <typename acc_t>
+void backward_block(const QueryBlock<acc_t>& q, const at::Tensor& grad_out, const at::Tensor& out,
+                    const acc_t* lse, const Bank<acc_t>& bank, BankGrad<acc_t>& grad, acc_t* grad_query) {
+  const int64_t rows = q.rows(), d = bank.dim();
+  const acc_t* dout = grad_out.const_data_ptr<acc_t>();
+  const acc_t* o = out.const_data_ptr<acc_t>();
+  std::vector<acc_t> delta(rows, acc_t(0));  // <dO_i, O_i>
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = 0; c < d; ++c) delta[i] += dout[i * d + c] * o[i * d + c];
+  }
+  const gemm::Packed<acc_t> dout_rows = gemm::pack<acc_t>(dout, rows, d, d, 1);
+  const gemm::Packed<acc_t> scaled_rows = gemm::pack<acc_t>(q.scaled.data(), rows, d, d, 1);
+  std::vector<acc_t> dq(rows * d, acc_t(0)), row_score_grad(rows, acc_t(0));
+  std::vector<acc_t> s(rows * kBankTile), e(rows * kBankTile), p(rows * kBankTile);
+  for (int64_t j0 = 0; j0 < bank.size(); j0 += kBankTile) {
+    const int64_t cols = bank.tile_size(j0);
+    tile_scores(q, bank, j0, s.data());
+    gemm::multiply<acc_t>(rows, {dout, d, 1}, bank.values_t, 0, d, bank.panel(j0), bank.panel_end(j0), e.data(), cols,
+                          false);
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t total = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t ij = i * cols + j;
+        p[ij] = std::exp(s[ij] - lse[i]);
+        const acc_t ds = p[ij] * (e[ij] - delta[i]);
+        total += ds * s[ij];
+        grad.score[j0 + j] += ds * s[ij];
+        e[ij] = ds * bank.inverse[j0 + j];  // E' = dS / |m_j|
+      }
+      row_score_grad[i] += total;
+    }
+    gemm::multiply<acc_t>(rows, {e.data(), cols, 1}, bank.rows, j0, cols, 0, bank.rows.panels(), dq.data(), d, true);
+    acc_t* bank_rows = grad.rows.data() + j0 * d;
+    gemm::multiply<acc_t>(cols, {p.data(), 1, cols}, dout_rows, bank_rows, d, true);
+    gemm::multiply<acc_t>(cols, {e.data(), 1, cols}, scaled_rows, bank_rows, d, true);
+  }
+  const acc_t* x = q.query.template const_data_ptr<acc_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t clamped = clamp_norm(q.norm[i], kNormEps);
+    const acc_t weight = (q.norm[i] >= static_cast<acc_t>(kNormEps) ? acc_t(1) / (clamped * clamped) : acc_t(0)) *
+                         row_score_grad[i];
+    for (int64_t c = 0; c < d; ++c) grad_query[i * d + c] = dq[i * d + c] * q.scale[i] - x[i * d + c] * weight;
+  }
+}
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor> readout_backward(const at::Tensor& grad_out, const at::Tensor& query,
                                             const at::Tensor& bank_in, const at::Tensor& out, const at::Tensor& lse,
                                             const at::Tensor& query_norm, double temperature) {
-  const at::ScalarType acc = lse.scalar_type();
-  const Bank bank(bank_in, acc);
-  const int64_t n = query.size(0);
-  at::Tensor grad_query = at::empty_like(query, at::MemoryFormat::Contiguous);
-  // One private bank gradient per chunk of query blocks, chunks fixed in advance: deterministic sums.
-  const int64_t block_size = block_rows(n, bank.size(), query.size(1));
+  const Bank<acc_t> bank(bank_in, true);
+  const int64_t n = query.size(0), d = query.size(1), m = bank.size();
+  at::Tensor grad_query = at::empty({n, d}, bank.values.options());
+  const int64_t block_size = block_rows(n, m);
   const int64_t blocks = ceil_div(n, block_size);
-  const int64_t chunks = std::min<int64_t>(blocks, at::get_num_threads());
-  at::Tensor bank_grads = at::zeros({chunks, bank.size(), query.size(1)}, bank.values.options());
-  at::Tensor score_grads = at::zeros({chunks, bank.size()}, bank.values.options());
+  const int64_t chunks = std::min(blocks, kMaxChunks);
+  std::vector<BankGrad<acc_t>> grads(chunks, BankGrad<acc_t>(m, d));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      at::Tensor bank_grad = bank_grads[chunk], score_grad = score_grads[chunk];
       for (int64_t block = chunk * blocks / chunks; block < (chunk + 1) * blocks / chunks; ++block) {
         const int64_t i0 = block * block_size, rows = std::min(block_size, n - i0);
-        SavedBlock saved{block_of(query, i0, rows, acc), block_of(grad_out, i0, rows, acc), lse.narrow(0, i0, rows),
-                         query_norm.narrow(0, i0, rows), {}};
-        saved.delta = (saved.grad_out * block_of(out, i0, rows, acc)).sum(1);
-        grad_query.narrow(0, i0, rows).copy_(backward_block(saved, bank, temperature, bank_grad, score_grad));
+        const QueryBlock<acc_t> q(block_of<acc_t>(query, i0, rows), temperature);
+        backward_block(q, block_of<acc_t>(grad_out, i0, rows), block_of<acc_t>(out, i0, rows),
+                       lse.const_data_ptr<acc_t>() + i0, bank, grads[chunk], grad_query.mutable_data_ptr<acc_t>() + i0 * d);
       }
     }
   });
-  return {grad_query, finish_bank_grad(bank_grads.sum(0), score_grads.sum(0), bank.values, bank.norms,
-                                       bank_in.scalar_type())};
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    for (int64_t i = 0; i < m * d; ++i) grads[0].rows[i] += grads[chunk].rows[i];
+    for (int64_t j = 0; j < m; ++j) grads[0].score[j] += grads[chunk].score[j];
+  }
+  // grad_bank = the summed read-out and key terms - m_j (sum_i dS_ij s_ij) grad_weight_j
+  at::Tensor grad_bank = at::empty({m, d}, bank.values.options());
+  acc_t* gb = grad_bank.mutable_data_ptr<acc_t>();
+  const acc_t* v = bank.values.template const_data_ptr<acc_t>();
+  for (int64_t j = 0; j < m; ++j) {
+    const acc_t w = grads[0].score[j] * bank.grad_weight[j];
+    for (int64_t c = 0; c < d; ++c) gb[j * d + c] = grads[0].rows[j * d + c] - v[j * d + c] * w;
+  }
+  return {grad_query.to(query.scalar_type()), grad_bank.to(bank_in.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_readout_cpu(const at::Tensor& query, const at::Tensor& bank,
                                                                   double temperature) {
   check_memory_readout_args(query, bank, temperature);
-  return forward(query, bank, temperature);
+  if (accumulation_dtype(query.scalar_type()) == at::kDouble) return readout_forward<double>(query, bank, temperature);
+  return readout_forward<float>(query, bank, temperature);
 }
 
 std::tuple<at::Tensor, at::Tensor> memory_readout_backward_cpu(const at::Tensor& grad_out, const at::Tensor& query,
@@ -189,7 +263,10 @@ std::tuple<at::Tensor, at::Tensor> memory_readout_backward_cpu(const at::Tensor&
                                                                const at::Tensor& lse, const at::Tensor& query_norm,
                                                                double temperature) {
   check_memory_readout_backward_args(grad_out, query, bank, out, lse, query_norm, temperature);
-  return backward(grad_out, query, bank, out, lse, query_norm, temperature);
+  if (accumulation_dtype(query.scalar_type()) == at::kDouble) {
+    return readout_backward<double>(grad_out, query, bank, out, lse, query_norm, temperature);
+  }
+  return readout_backward<float>(grad_out, query, bank, out, lse, query_norm, temperature);
 }
 
 }  // namespace

@@ -1,11 +1,14 @@
 // Exact k-nearest search of query rows in one or more memory banks on the CPU, shared by dmgrd::memory_nearest
 // and dmgrd::dual_memory_margin. The distance matrix is never materialised:
-//  - tiled path: tasks of (query block, range of bank tiles) in parallel; each tile's inner products come from
-//    ATen's BLAS-backed at::mm (single-threaded inside the task) and are consumed at once by a fused
+//  - tiled path: each bank is packed once (gemm.h); tasks of (query block, range of bank tiles) run in
+//    parallel; each tile's inner products come from gemm::multiply and are consumed at once by a fused
 //    norm-add + running top-k pass while they are hot in cache; ranges of one block are merged at the end.
 //  - wide path (few queries, few items, huge D, e.g. image-level search): the problem is one tile, so D is
 //    split instead: each chunk of columns gives partial products and squared norms in parallel, summed in
-//    chunk order (the result does not depend on the thread count), then the same top-k pass runs.
+//    chunk order, then the same top-k pass runs.
+// Every distance is computed the same way whichever task computes it (gemm.h sums in a fixed order, chunks and
+// blocks are fixed by the sizes), and the top-k merge keeps the k best under a total order, so the result does
+// not depend on the thread count.
 // Distances and ranking are those of common.h (item_distance, ranks_before), accumulated in float32 (float64
 // for float64 inputs).
 #pragma once
@@ -20,12 +23,13 @@
 #include <vector>
 
 #include "../common.h"
+#include "gemm.h"
 
 namespace dmgrd {
 namespace nearest_cpu {
 
 constexpr int64_t kQueryBlock = 256;     // most queries per task
-constexpr int64_t kItemTile = 1024;      // memory items per at::mm tile
+constexpr int64_t kItemTile = 1024;      // memory items per product tile (a multiple of the panel width)
 constexpr int64_t kDepthChunk = 16384;   // columns per partial product on the wide path
 constexpr int64_t kWideEntries = 65536;  // the wide path keeps N x (all items) partial products per chunk
 constexpr int64_t kParallelWork = 1 << 22;  // multiply-adds below which one thread does the whole search
@@ -42,23 +46,11 @@ inline at::Tensor unit_column_stride(const at::Tensor& x) {
   return x.size(1) <= 1 || x.stride(1) == 1 ? x : x.contiguous();
 }
 
-// Sum of squares of n values, eight independent accumulators so the compiler can vectorise.
-template <typename acc_t>
-acc_t sum_squares(const acc_t* x, int64_t n) {
-  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int u = 0; u < 8; ++u) part[u] += x[j + u] * x[j + u];
-  }
-  for (; j < n; ++j) part[0] += x[j] * x[j];
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
 // Sums of squares of the rows of `x` (accumulation dtype, unit column stride) into out[0..rows).
 template <typename acc_t>
 void row_squares(const at::Tensor& x, acc_t* out) {
   const acc_t* base = x.const_data_ptr<acc_t>();
-  for (int64_t r = 0; r < x.size(0); ++r) out[r] = sum_squares(base + r * x.stride(0), x.size(1));
+  for (int64_t r = 0; r < x.size(0); ++r) out[r] = gemm::sum_squares(base + r * x.stride(0), x.size(1));
 }
 
 // Feeds one query's distances to `count` consecutive items (first index `first`) into its running top-k.
@@ -108,31 +100,42 @@ class Search {
     return result_.index.mutable_data_ptr<int64_t>() + (bank * n_ + row) * k_;
   }
 
+  // Each bank packed as gemm panels (converted to the accumulation dtype), in parallel over panels.
+  gemm::Packed<acc_t> packed_bank(const at::Tensor& bank) const {
+    gemm::Packed<acc_t> packed = gemm::packing<acc_t>(depth_, bank.size(0));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bank.scalar_type(), "dmgrd_nearest_pack", [&] {
+      const scalar_t* src = bank.const_data_ptr<scalar_t>();
+      const int64_t panel_size = std::max<int64_t>(1, depth_ * packed.kPanel);
+      const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / panel_size);
+      at::parallel_for(0, packed.panels(), grain, [&](int64_t begin, int64_t end) {
+        gemm::pack_panels(packed, src, 1, bank.stride(0), begin, end);
+      });
+    });
+    return packed;
+  }
+
   void run_tiled() {
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    std::vector<at::Tensor> items;  // banks in the accumulation dtype, with their item terms
+    std::vector<gemm::Packed<acc_t>> items;  // banks packed in the accumulation dtype, with their item terms
     std::vector<std::vector<acc_t>> terms;
     std::vector<Tile> tiles;
     for (size_t b = 0; b < banks_.size(); ++b) {
-      items.push_back(banks_[b].to(acc));
-      terms.emplace_back(items.back().size(0));
-      acc_t* t = terms.back().data();
-      const at::Tensor& bank = items.back();
-      const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, depth_));
-      at::parallel_for(0, bank.size(0), grain, [&](int64_t begin, int64_t end) {
-        row_squares<acc_t>(bank.narrow(0, begin, end - begin), t + begin);
-        for (int64_t i = begin; i < end; ++i) t[i] = row_term(metric, t[i]);
-      });
-      for (int64_t m = 0; m < bank.size(0); m += kItemTile) {
-        tiles.push_back({static_cast<int64_t>(b), m, std::min(kItemTile, bank.size(0) - m)});
+      items.push_back(packed_bank(banks_[b]));
+      const gemm::Packed<acc_t>& bank = items.back();
+      terms.emplace_back(bank.panels() * bank.kPanel);
+      gemm::column_squares(bank, 0, depth_, terms.back().data());
+      for (acc_t& t : terms.back()) t = row_term(metric, t);
+      for (int64_t m = 0; m < bank.n; m += kItemTile) {
+        tiles.push_back({static_cast<int64_t>(b), m, std::min(kItemTile, bank.n - m)});
       }
     }
     int64_t items_total = 0;
-    for (const at::Tensor& b : items) items_total += b.size(0);
+    for (const auto& b : items) items_total += b.n;
     const int64_t threads = n_ * items_total * depth_ < kParallelWork ? 1 : at::get_num_threads();
     const int64_t blocks = (n_ + kQueryBlock - 1) / kQueryBlock;
     const int64_t rows_per_block = (n_ + blocks - 1) / blocks;
     const int64_t ntiles = static_cast<int64_t>(tiles.size());
+    // Splitting the tiles of a block over threads changes which task finds an item, not its distance.
     const int64_t splits = std::min(ntiles, std::max<int64_t>(1, (threads + blocks - 1) / blocks));
     const int64_t tiles_per_split = (ntiles + splits - 1) / splits;
     const int64_t nb = static_cast<int64_t>(banks_.size());
@@ -144,11 +147,12 @@ class Search {
     }
     acc_t* part_dist = parts.dist.mutable_data_ptr<acc_t>();
     int64_t* part_index = parts.index.mutable_data_ptr<int64_t>();
+    const int64_t width = gemm::Packed<acc_t>::kPanel;
 
     const int64_t tasks = blocks * splits;
     at::parallel_for(0, tasks, threads == 1 ? tasks : 1, [&](int64_t task_begin, int64_t task_end) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads do not inherit it
-      at::Tensor dots = at::empty({rows_per_block * kItemTile}, result_.dist.options());
+      std::vector<acc_t> dots(rows_per_block * kItemTile);
       std::vector<acc_t> query_terms(rows_per_block);
       for (int64_t task = task_begin; task < task_end; ++task) {
         const int64_t block = task / splits, split = task % splits;
@@ -156,6 +160,7 @@ class Search {
         const at::Tensor q = query_.narrow(0, r0, rows).to(acc);
         row_squares<acc_t>(q, query_terms.data());
         for (int64_t r = 0; r < rows; ++r) query_terms[r] = row_term(metric, query_terms[r]);
+        const gemm::Strided<acc_t> a{q.const_data_ptr<acc_t>(), q.stride(0), 1};
         const int64_t offset = (split * nb * n_ + r0) * k_;
         for (int64_t b = 0; b < nb; ++b) {
           topk_reset(part_dist + offset + b * n_ * k_, part_index + offset + b * n_ * k_, rows * k_);
@@ -163,13 +168,12 @@ class Search {
         const int64_t t_end = std::min(ntiles, (split + 1) * tiles_per_split);
         for (int64_t t = split * tiles_per_split; t < t_end; ++t) {
           const Tile tile = tiles[t];
-          at::Tensor tile_dots = dots.narrow(0, 0, rows * tile.count).view({rows, tile.count});
-          at::mm_out(tile_dots, q, items[tile.bank].narrow(0, tile.begin, tile.count).t());
-          const acc_t* d = tile_dots.const_data_ptr<acc_t>();
+          const int64_t p0 = tile.begin / width, p1 = (tile.begin + tile.count + width - 1) / width;
+          gemm::multiply<acc_t>(rows, a, items[tile.bank], 0, depth_, p0, p1, dots.data(), tile.count, false);
           const int64_t base = offset + tile.bank * n_ * k_;
           for (int64_t r = 0; r < rows; ++r) {
-            scan_items<metric>(d + r * tile.count, query_terms[r], terms[tile.bank].data() + tile.begin, tile.count,
-                               tile.begin, part_dist + base + r * k_, part_index + base + r * k_, k_);
+            scan_items<metric>(dots.data() + r * tile.count, query_terms[r], terms[tile.bank].data() + tile.begin,
+                               tile.count, tile.begin, part_dist + base + r * k_, part_index + base + r * k_, k_);
           }
         }
       }
@@ -211,13 +215,13 @@ class Search {
         const at::Tensor q = query_.narrow(1, c0, width).to(acc);
         row_squares<acc_t>(q, out + n_ * items);
         acc_t* item_squares = out + n_ * items + n_;
+        const gemm::Strided<acc_t> a{q.const_data_ptr<acc_t>(), q.stride(0), 1};
         for (const at::Tensor& bank : banks_) {
-          const at::Tensor m = bank.narrow(1, c0, width).to(acc);
-          at::Tensor products = at::from_blob(out, {n_, m.size(0)}, result_.dist.options());
-          at::mm_out(products, q, m.t());
-          row_squares<acc_t>(m, item_squares);
-          out += n_ * m.size(0);
-          item_squares += m.size(0);
+          const gemm::Packed<acc_t> m = pack_chunk(bank, c0, width);
+          gemm::multiply<acc_t>(n_, a, m, out, m.n);
+          gemm::column_squares(m, 0, width, item_squares);
+          out += n_ * m.n;
+          item_squares += m.n;
         }
       }
     });
@@ -242,6 +246,15 @@ class Search {
       products += n_ * count;
       item_terms += count;
     }
+  }
+
+  // Columns [c0, c0 + width) of every item of `bank`, packed as gemm panels.
+  static gemm::Packed<acc_t> pack_chunk(const at::Tensor& bank, int64_t c0, int64_t width) {
+    gemm::Packed<acc_t> packed;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bank.scalar_type(), "dmgrd_nearest_pack", [&] {
+      packed = gemm::pack<acc_t>(bank.const_data_ptr<scalar_t>() + c0, width, bank.size(0), 1, bank.stride(0));
+    });
+    return packed;
   }
 
   at::Tensor query_;
