@@ -140,9 +140,11 @@ def require_dir(path: Path, what: str) -> Path:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name."""
+    """Image files directly in ``folder``, sorted by name: files with a suffix of :data:`IMAGE_SUFFIXES` (any
+    case) whose name does not start with ``.`` (hidden files such as macOS ``._name.png`` are skipped)."""
     try:
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        return sorted(p for p in folder.iterdir()
+                      if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
     except OSError as exc:
         raise OSError(f"cannot list folder {folder}: {exc}") from None
 
