@@ -23,6 +23,8 @@ SCHEDULES = ("warmup_cosine", "constant")
 
 CHECKPOINT_FORMAT = "dmgrd-checkpoint"
 CHECKPOINT_VERSION = 1
+# Pixel values model(images) accepts: [0, 1] with room for resampling overshoot; 0-255 or normalised images fail.
+IMAGE_RANGE = (-0.5, 1.5)
 METHODS: dict[str, type[AnomalyModel]] = {}
 
 
@@ -132,22 +134,43 @@ class AnomalyModel(nn.Module):
         return next(self.parameters()).device
 
     def check_images(self, images: torch.Tensor) -> None:
-        """Raise ValueError unless ``images`` is a finite float [B, 3, H, W] batch at the model's image size."""
+        """Raise ValueError unless ``images`` is a float [B, 3, H, W] batch on the model's device at its image
+        size, finite and within :data:`IMAGE_RANGE`; the message names the problem and how to fix it."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a [B, 3, H, W] tensor in [0, 1], got {shape}")
+            raise ValueError(f"images must be a [B, 3, H, W] tensor in [0, 1] (model(images) also takes "
+                             f"[B, 1, H, W] grayscale), got {shape}")
         if not images.is_floating_point():
-            raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
+            raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}: convert them first, "
+                             f"e.g. images.float() / 255 for 8-bit images")
+        if images.device != self.device:
+            raise ValueError(f"images are on {images.device} but the model is on {self.device}: "
+                             f"move them with images.to(model.device)")
         if tuple(images.shape[2:]) != self.config.size:
             raise ValueError(f"images are {tuple(images.shape[2:])} but the model expects image_size "
                              f"{self.config.size}; resize them (the dataset readers do)")
-        if not torch.isfinite(images).all():
+        if images.numel() == 0:
+            return
+        low, high = torch.aminmax(images)
+        if not (low.isfinite() and high.isfinite()):
             raise ValueError("images contain NaN or infinite values")
+        if low < IMAGE_RANGE[0] or high > IMAGE_RANGE[1]:
+            raise ValueError(f"image values span [{low:.4g}, {high:.4g}] but must lie in [0, 1]: divide 8-bit "
+                             f"values by 255, and do not normalise them (the teacher does)")
+
+    def input_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` as the networks take them: a [B, 1, H, W] grayscale batch repeated to three channels,
+        checked by :meth:`check_images`, in the model's dtype and contiguous, so that results depend neither on
+        the input's dtype (beyond rounding to the model's) nor on its memory format or strides."""
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        self.check_images(images)
+        return images.to(next(self.parameters()).dtype).contiguous()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> Prediction:
         """Anomaly maps and scores for a batch of [0, 1] images at ``image_size`` (no autograd graph)."""
-        self.check_images(images)
+        images = self.input_images(images)
         teacher_feats = self.teacher(images)
         student_feats = self.student_features(teacher_feats)
         maps = ops.anomaly_map(teacher_feats, student_feats, self.config.size, reduce="sum", sigma=self.config.sigma)
