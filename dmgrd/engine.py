@@ -95,15 +95,32 @@ def _distributed_step(model, device: torch.device) -> nn.Module:
 
 
 def _resume_state(model, optimizer, path: Path) -> tuple[int, list[dict[str, float]]]:
+    """Load the model and optimiser state of a training checkpoint; return its step and loss history. Errors
+    name the file and why it cannot be resumed: another method, no training state, another configuration."""
     payload = read_payload(path)
-    saved = payload.get("train_state")
-    if payload.get("method") != model.method or saved is None:
-        raise ValueError(f"{path} is not a {model.method} training checkpoint that can be resumed")
+    method, saved = payload.get("method"), payload.get("train_state")
+    if method != model.method:
+        raise ValueError(f"{path} is not a {model.method} training checkpoint: it holds a {method} model; resume "
+                         f"it with that method, or train this {model.method} into another checkpoint")
+    if saved is None:
+        raise ValueError(f"{path} is not a {model.method} training checkpoint: it has no training state (it was "
+                         f"written by save(), not by fit(checkpoint=...))")
     if payload["config"] != model.config.to_dict():
         raise ValueError(f"{path} was trained with a different configuration; resume with the same options")
     model.load_state_dict(payload["state_dict"])
     optimizer.load_state_dict(saved["optimizer"])
     return int(saved["step"]), list(saved["history"])
+
+
+def _require_finite_state(model, done: int) -> None:
+    """Raise FloatingPointError, before a checkpoint is written, if a non-finite gradient (with a finite loss)
+    made weights or statistics NaN or infinite during the first ``done`` steps."""
+    named = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    finite = torch.stack([t.isfinite().all() for _, t in named]).tolist()
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if bad:
+        raise FloatingPointError(f"training diverged within the first {done} steps: non-finite values in "
+                                 f"{', '.join(bad[:3])}; the checkpoint was not overwritten")
 
 
 def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | None = None, num_workers: int = 0,
@@ -118,7 +135,9 @@ def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | N
     (default seed: the config's), so runs are reproducible. With ``checkpoint`` the model and its
     training state are saved there atomically every ``checkpoint_every`` steps and at the end;
     ``resume=True`` continues from that file to the same
-    result as an uninterrupted run. The model ends in eval mode.
+    result as an uninterrupted run. A non-finite loss raises ``FloatingPointError`` before that step's update
+    (the parameters keep their values), and non-finite weights or statistics raise it before a checkpoint is
+    written, so the checkpoint always keeps the last good state. The model ends in eval mode.
 
     Inside an initialised process group (``torchrun``) the step runs under DistributedDataParallel: rank 0
     builds the memory banks and broadcasts them, each rank trains on its share of every global batch, and
@@ -157,17 +176,18 @@ def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | N
             group["lr"] = scheduled * group.get("lr_scale", 1.0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = training_step(images, seeded_generator(seed, "step", step, *([rank] if rank else [])))
+        record = {name: float(value.detach()) for name, value in losses.items()}
+        if not math.isfinite(record["loss"]):  # before the update: the model and its checkpoint stay the last good
+            raise FloatingPointError(f"training diverged at step {step}: loss {record['loss']}")
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
-        record = {name: float(value.detach()) for name, value in losses.items()}
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"training diverged at step {step}: loss {record['loss']}")
         record["lr"] = optimizer.param_groups[0]["lr"]
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         done = step + 1
         if checkpoint is not None and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
+            _require_finite_state(model, done)
             if rank == 0:
                 model.save(checkpoint, train_state={"step": done, "optimizer": optimizer.state_dict(),
                                                     "history": history})

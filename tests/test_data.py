@@ -46,9 +46,9 @@ def test_missing_root_category_and_split(tmp_path):
 
 
 def test_missing_mask_is_named(tmp_path):
-    defect = tmp_path / "toy" / "test" / "crack"
-    defect.mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(defect / "000.png")
+    for folder in ("good", "crack"):
+        (tmp_path / "toy" / "test" / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "toy" / "test" / folder / "000.png")
     with pytest.raises(FileNotFoundError, match="000_mask.png"):
         MVTecAD(tmp_path, "toy", "test")
 

@@ -169,6 +169,7 @@ def test_btad_missing_category_split_and_mask(tmp_path):
         BTAD(tmp_path, "04")
     with pytest.raises(FileNotFoundError, match="split folder not found"):
         BTAD(tmp_path, "01", "test")
+    _save(tmp_path / "01/test/ok/0006.bmp", _rgb(1))
     bad = _save(tmp_path / "01/test/ko/0007.bmp", _rgb(1))
     with pytest.raises(FileNotFoundError, match=re.escape(f"ground-truth mask missing for {bad}")):
         BTAD(tmp_path, "01", "test")
@@ -254,6 +255,7 @@ def test_unreadable_image_files_are_named(tmp_path, content):
 
 
 def test_corrupt_mask_is_named(tmp_path):
+    _save(tmp_path / "toy/test/ok/0001.png", _rgb(1))
     _save(tmp_path / "toy/test/ko/0000.png", _rgb(0))
     (tmp_path / "toy/ground_truth/ko").mkdir(parents=True)
     (tmp_path / "toy/ground_truth/ko/0000.png").write_bytes(b"garbage")
@@ -272,6 +274,7 @@ def test_file_vanished_after_listing(tmp_path):
 def test_mask_size_mismatch_names_both_files_and_sizes(tmp_path):
     image = _save(tmp_path / "candle/test/bad/000.JPG", _rgb(0))
     mask = _save(tmp_path / "candle/ground_truth/bad/000.png", _box(height=HEIGHT + 1))
+    _save(tmp_path / "candle/test/good/001.JPG", _rgb(1))
     data = VisA(tmp_path, "candle", "test", image_size=8)
     expected = f"mask {mask} is {WIDTH}x{HEIGHT + 1} (WxH) but its image {image} is {WIDTH}x{HEIGHT}"
     with pytest.raises(ValueError, match=re.escape(expected)):

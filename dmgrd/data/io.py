@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -20,11 +20,16 @@ Size = int | tuple[int, int]
 
 
 def _open(path: Path) -> Image.Image:
+    """The decoded image, turned as its EXIF orientation says (as image viewers show it); errors name the file."""
     try:
         image = Image.open(path)
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"cannot read image {path}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS (or set it to None) "
+                         "to read images this large") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None
     return image
@@ -33,11 +38,10 @@ def _open(path: Path) -> Image.Image:
 def _to_float(image: Image.Image) -> np.ndarray:
     """H x W (x C) float array in [0, 1] for 8/16-bit, grayscale, RGB(A) or palette images."""
     array = np.asarray(image)
-    if array.dtype == bool:
-        return array.astype(np.float32)
+    result = array.astype(np.float32)
     if array.dtype.kind in "ui":
-        return array.astype(np.float32) / (255.0 if array.dtype.itemsize == 1 else 65535.0)
-    return array.astype(np.float32)
+        result /= 255.0 if array.dtype.itemsize == 1 else 65535.0  # in place: saves a copy of large images
+    return result
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -57,7 +61,7 @@ def _check_rule(rule: str) -> None:
 
 
 def _image_tensor(image: Image.Image, size: Size | None) -> torch.Tensor:
-    if image.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1"):
+    if image.mode not in ("RGB", "L") and not image.mode.startswith(("I", "F")):  # 16/32-bit and float grey
         image = image.convert("RGB")
     array = _to_float(image)
     if array.ndim == 2:
@@ -68,14 +72,18 @@ def _image_tensor(image: Image.Image, size: Size | None) -> torch.Tensor:
     return x.contiguous()
 
 
+def _mask_values(image: Image.Image) -> np.ndarray:
+    """H x W float mask: grey levels (colour and palette masks through ``convert("L")``) divided by 1 when the
+    largest is 1 ({0, 1} masks), by 255 when it is at most 255 (8-bit values, also in 16-bit files), else 65535."""
+    array = np.asarray(image if image.mode.startswith("I") or image.mode in ("L", "1") else image.convert("L"))
+    top = int(array.max())
+    return array.astype(np.float32) / (1.0 if top <= 1 else 255.0 if top <= 255 else 65535.0)
+
+
 def _mask_tensor(image: Image.Image, size: Size | None, rule: str, nonzero: bool) -> torch.Tensor:
-    array = _to_float(image if image.mode.startswith("I") or image.mode in ("L", "1") else image.convert("L"))
-    if array.ndim == 3:
-        array = array[..., 0]
+    array = _mask_values(image)
     if nonzero:
         array = (array > 0).astype(np.float32)
-    elif 0 < array.max() <= 1.0 / 255.0 + 1e-6:
-        array = array * 255.0
     x = torch.from_numpy(np.ascontiguousarray(array))[None]
     if size is not None:
         x = _resize(x, size_pair(size))
@@ -87,15 +95,22 @@ def _mask_tensor(image: Image.Image, size: Size | None, rule: str, nonzero: bool
 
 
 def read_image(path: str | Path, size: Size | None = None) -> torch.Tensor:
-    """RGB float32 tensor [3, H, W] in [0, 1], bilinearly resized to ``size`` if given."""
+    """RGB float32 tensor [3, H, W] in [0, 1], bilinearly resized to ``size`` if given (antialiased when shrinking).
+
+    Read as image viewers show it: turned by its EXIF orientation; grey and 16-bit grey repeated to three
+    channels (16-bit divided by 65535); palette, CMYK and other modes converted by ``convert("RGB")``, which
+    drops alpha.
+    """
     return _image_tensor(_open(Path(path)), size)
 
 
 def read_mask(path: str | Path, size: Size | None = None, rule: str = ">0.5", nonzero: bool = False) -> torch.Tensor:
-    """Binary float32 mask [1, H, W] in {0, 1}: bilinear resize, then binarised by ``rule`` (SPEC §1.1).
+    """Binary float32 mask [1, H, W] in {0, 1}: scaled to [0, 1], bilinear resize, then binarised by ``rule``
+    (SPEC §1.1).
 
-    Masks stored as {0, 1} (instead of {0, 255}) are recognised and scaled up first. With ``nonzero`` every
-    non-zero pixel counts as foreground before resizing (label masks such as VisA's raw ones).
+    Colour and palette masks are converted to grey first. Masks stored as {0, 1} (instead of {0, 255}) are
+    recognised, and so are 8-bit values in 16-bit files. With ``nonzero`` every non-zero pixel counts as
+    foreground before resizing (label masks such as VisA's raw ones).
     """
     _check_rule(rule)
     return _mask_tensor(_open(Path(path)), size, rule, nonzero)
@@ -125,9 +140,11 @@ def require_dir(path: Path, what: str) -> Path:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name."""
+    """Image files directly in ``folder``, sorted by name: files with a suffix of :data:`IMAGE_SUFFIXES` (any
+    case) whose name does not start with ``.`` (hidden files such as macOS ``._name.png`` are skipped)."""
     try:
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        return sorted(p for p in folder.iterdir()
+                      if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
     except OSError as exc:
         raise OSError(f"cannot list folder {folder}: {exc}") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ SCHEDULES = ("warmup_cosine", "constant")
 
 CHECKPOINT_FORMAT = "dmgrd-checkpoint"
 CHECKPOINT_VERSION = 1
+# Pixel values model(images) accepts: [0, 1] with room for resampling overshoot; 0-255 or normalised images fail.
+IMAGE_RANGE = (-0.5, 1.5)
 METHODS: dict[str, type[AnomalyModel]] = {}
 
 
@@ -132,22 +135,43 @@ class AnomalyModel(nn.Module):
         return next(self.parameters()).device
 
     def check_images(self, images: torch.Tensor) -> None:
-        """Raise ValueError unless ``images`` is a finite float [B, 3, H, W] batch at the model's image size."""
+        """Raise ValueError unless ``images`` is a float [B, 3, H, W] batch on the model's device at its image
+        size, finite and within :data:`IMAGE_RANGE`; the message names the problem and how to fix it."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a [B, 3, H, W] tensor in [0, 1], got {shape}")
+            raise ValueError(f"images must be a [B, 3, H, W] tensor in [0, 1] (model(images) also takes "
+                             f"[B, 1, H, W] grayscale), got {shape}")
         if not images.is_floating_point():
-            raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
+            raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}: convert them first, "
+                             f"e.g. images.float() / 255 for 8-bit images")
+        if images.device != self.device:
+            raise ValueError(f"images are on {images.device} but the model is on {self.device}: "
+                             f"move them with images.to(model.device)")
         if tuple(images.shape[2:]) != self.config.size:
             raise ValueError(f"images are {tuple(images.shape[2:])} but the model expects image_size "
                              f"{self.config.size}; resize them (the dataset readers do)")
-        if not torch.isfinite(images).all():
+        if images.numel() == 0:
+            return
+        low, high = torch.aminmax(images)
+        if not (low.isfinite() and high.isfinite()):
             raise ValueError("images contain NaN or infinite values")
+        if low < IMAGE_RANGE[0] or high > IMAGE_RANGE[1]:
+            raise ValueError(f"image values span [{low:.4g}, {high:.4g}] but must lie in [0, 1]: divide 8-bit "
+                             f"values by 255, and do not normalise them (the teacher does)")
+
+    def input_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` as the networks take them: a [B, 1, H, W] grayscale batch repeated to three channels,
+        checked by :meth:`check_images`, in the model's dtype and contiguous, so that results depend neither on
+        the input's dtype (beyond rounding to the model's) nor on its memory format or strides."""
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        self.check_images(images)
+        return images.to(next(self.parameters()).dtype).contiguous()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> Prediction:
         """Anomaly maps and scores for a batch of [0, 1] images at ``image_size`` (no autograd graph)."""
-        self.check_images(images)
+        images = self.input_images(images)
         teacher_feats = self.teacher(images)
         student_feats = self.student_features(teacher_feats)
         maps = ops.anomaly_map(teacher_feats, student_feats, self.config.size, reduce="sum", sigma=self.config.sigma)
@@ -183,12 +207,16 @@ class AnomalyModel(nn.Module):
 
 
 def atomic_save(payload: dict, path: Path) -> None:
-    """``torch.save`` into a temporary file beside ``path``, then rename: an interrupted save keeps the old file."""
+    """``torch.save`` into a temporary file beside ``path``, flush it to disk, then rename: an interrupted save
+    (error, kill, power loss) keeps the old file. A killed save leaves a hidden ``.<name>.*.tmp``, which
+    nothing reads and which can be deleted."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -196,23 +224,35 @@ def atomic_save(payload: dict, path: Path) -> None:
 
 
 def read_payload(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict:
-    """The raw contents of a dmgrd checkpoint, with clear errors for missing, truncated or foreign files."""
+    """The raw contents of a dmgrd checkpoint, with clear errors for missing, truncated, foreign or newer files.
+
+    Read with ``torch.load(weights_only=True)``: tensors and plain data only, so a file carrying pickled code is
+    refused without running it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"cannot read checkpoint {path}: it is damaged, or holds pickled Python objects other "
+                         f"than tensors and plain data, which dmgrd never unpickles (that could run code)") from None
     except Exception as exc:  # truncated or foreign files fail in many ways inside torch.load
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a dmgrd checkpoint")
+    version = payload.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"{path} has an invalid checkpoint format version {version!r}")
+    if version > CHECKPOINT_VERSION:
+        raise ValueError(f"{path} was written by a newer dmgrd (checkpoint format version {version}); this dmgrd "
+                         f"reads format versions up to {CHECKPOINT_VERSION}: upgrade dmgrd to load it")
     return payload
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> tuple[AnomalyModel, dict]:
     """The model saved at ``path`` (in eval mode) and the checkpoint's other entries.
 
-    Read with ``torch.load(weights_only=True)``."""
+    Read by :func:`read_payload`; errors name the file when its method, configuration or weights do not fit."""
     payload = read_payload(path, map_location)
     method = payload.pop("method", None)
     if method not in METHODS:
@@ -222,8 +262,15 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     config = {**saved, "betas": tuple(saved["betas"]), "weights": None}  # teacher weights are in the state dict
     if isinstance(config["image_size"], list):
         config["image_size"] = tuple(config["image_size"])
-    model = cls(config=cls.config_class(**config))
-    model.load_state_dict(payload.pop("state_dict"))
+    try:
+        model = cls(config=cls.config_class(**config))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path} holds a {method} configuration this dmgrd cannot build: {exc}") from None
+    try:
+        model.load_state_dict(payload.pop("state_dict"))
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: the saved weights do not fit a {method} model of the saved configuration: "
+                         f"{exc}") from None
     model.config.weights = saved["weights"]
     model.eval()
     if map_location is not None:

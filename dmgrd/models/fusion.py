@@ -42,7 +42,7 @@ class NonLocal2D(nn.Module):
             y = F.scaled_dot_product_attention(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)).squeeze(1)
         else:
             y = query @ (key.transpose(1, 2) @ value) / key.shape[1]
-        return x + self.out(y.transpose(1, 2).reshape(b, -1, h, w))
+        return x + self.out(y.transpose(1, 2).reshape(b, y.shape[2], h, w))
 
 
 class MSFFBlock(nn.Module):

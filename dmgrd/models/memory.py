@@ -219,7 +219,7 @@ def guided_input(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def flatten_scaled(feats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """[B, sum_l C_l H_l W_l]: each level flattened and divided by ``sqrt(C_l H_l W_l)``, so the squared L2
     distance of two rows is ``sum_l mean_{c,h,w} (f_l - m_l)^2``."""
-    return torch.cat([f.flatten(1).to(dtype) / math.sqrt(f[0].numel()) for f in feats], dim=1)
+    return torch.cat([f.flatten(1).to(dtype) / math.sqrt(f.shape[1:].numel()) for f in feats], dim=1)
 
 
 def _patch_rows(f: torch.Tensor) -> torch.Tensor:
