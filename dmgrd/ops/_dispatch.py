@@ -4,8 +4,9 @@ Every op has a pure-torch reference that defines it. For each call the backend i
 device: CUDA tensors use the fastest available of the extension and Triton, CPU tensors the C++ kernels,
 and anything else the reference. Inputs that need gradients go to the reference unless the op's fast
 paths implement backward (``Op.differentiable``). ``DMGRD_BACKEND`` or
-:func:`use_backend` force one backend; a forced backend that cannot run the call raises
-:class:`BackendUnavailableError` rather than silently falling back.
+:func:`use_backend` force one backend; a forced backend that cannot run the call (not built, wrong device
+or dtype, or no backward for inputs that need gradients) raises :class:`BackendUnavailableError` rather than
+silently falling back or dropping a gradient.
 """
 
 from __future__ import annotations
@@ -122,15 +123,18 @@ class Op:
         device_type = tensors[0].device.type
         dtype = tensors[0].dtype
         requested = requested_backend()
+        needs_backward = not self.differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         if requested != "auto":
             reason = self.unavailable_reason(requested, device_type, dtype)
+            if reason is None and needs_backward and requested != "torch":
+                reason = "its kernels have no backward, and an input requires grad (use the torch or auto backend)"
             if reason is not None:
                 raise BackendUnavailableError(
                     f"dmgrd.ops.{self.name}: backend {requested!r} was forced but cannot run on "
                     f"{device_type} {dtype} tensors: {reason}"
                 )
             return requested
-        if not self.differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if needs_backward:
             return "torch"
         order = self.cuda_order if device_type == "cuda" else ("ext",)
         for backend in order:
