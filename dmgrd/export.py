@@ -1,8 +1,10 @@
-"""Export of a trained model to ONNX, through the pure-torch reference of every op."""
+"""Export of a trained model to ONNX: the model's own forward, traced with every op on its torch reference."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,38 +13,59 @@ from torch import nn
 from dmgrd import ops
 
 
-class ScoringGraph(nn.Module):
-    """images [B, 3, H, W] in [0, 1] -> (anomaly maps [B, 1, H, W], scores [B]), without input checks."""
+class MapAndScore(nn.Module):
+    """``model(images)`` as the pair ONNX returns: (anomaly maps [B, 1, H, W], scores [B])."""
 
-    def __init__(self, model):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.model.config
-        teacher = self.model.teacher.body((images - self.model.teacher.mean) / self.model.teacher.std)
-        student = self.model.student_features(list(teacher))
-        maps = ops.anomaly_map_reference(teacher, student, config.size, "sum", config.sigma)
-        with ops.use_backend("torch"):
-            return maps, self.model.image_scores(maps, list(teacher), student)
+        prediction = self.model(images)
+        return prediction.anomaly_map, prediction.score
+
+
+def _cpu_float_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is on the CPU in float32, else a CPU float32 copy (the caller's stays as it is)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
+        return model
+    return copy.deepcopy(model).cpu().float()
 
 
 def export_onnx(model, path: str | Path, opset: int = 17, batch_size: int = 2) -> float | None:
-    """Write ``model`` as ONNX to ``path``; return the max map difference against torch via onnxruntime
-    (None when onnxruntime is not installed)."""
-    graph = ScoringGraph(model.eval().cpu().float()).eval()
+    """Write ``model`` (in eval mode, on the CPU in float32) as ONNX to ``path``.
+
+    The graph is the model's ``forward`` traced under :func:`dmgrd.ops.use_backend` ``("torch")``, so it is the
+    same computation as ``model(images)``: inputs ``images`` [B, 3, H, W] in [0, 1] (any B), outputs
+    ``anomaly_map`` and ``score``. Returns the largest difference of map and score between onnxruntime and
+    torch on random images (None when onnxruntime is not installed). The caller's model keeps its device,
+    dtype and train/eval mode.
+    """
+    source = _cpu_float_copy(model)
+    was_training = source.training
+    graph = MapAndScore(source.eval()).eval()
     images = torch.rand(batch_size, 3, *model.config.size, generator=torch.Generator().manual_seed(0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(graph, (images,), str(path), input_names=["images"], output_names=["anomaly_map", "score"],
-                          dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}},
-                          opset_version=opset, dynamo=False)
-        expected = graph(images)[0]
+    try:
+        with torch.no_grad(), ops.use_backend("torch"), warnings.catch_warnings():
+            # The input checks compare shapes, which the trace keeps as constants: right for every batch size
+            # (the one dynamic axis). The TorchScript exporter is the one that needs no extra package.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"dmgrd\.export")
+            torch.onnx.export(graph, (images,), str(path), input_names=["images"],
+                              output_names=["anomaly_map", "score"],
+                              dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}},
+                              opset_version=opset, dynamo=False)
+            expected = graph(images)
+    finally:
+        source.train(was_training)
     if importlib.util.find_spec("onnxruntime") is None:
         return None
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(["anomaly_map"], {"images": images.numpy()})[0]
-    return float((torch.from_numpy(got) - expected).abs().max())
+    got = session.run(["anomaly_map", "score"], {"images": images.numpy()})
+    return max(float((torch.from_numpy(g) - e).abs().max()) for g, e in zip(got, expected, strict=True))

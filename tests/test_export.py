@@ -1,0 +1,93 @@
+"""ONNX export of every method and preset, from the Python API right after ``fit`` and from the CLI after
+``load``: onnxruntime's maps and scores on the real bottle test images equal the model's, and every decision
+of the thresholds stored in the checkpoint is the same. The suite runs with the C++ extension loaded and, in
+CI's second half, without it (``DMGRD_NO_EXT=1``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dmgrd
+from dmgrd.cli import main
+from dmgrd.export import export_onnx
+
+onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+
+BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad"
+pytestmark = pytest.mark.skipif(not (BOTTLE / "bottle").is_dir(), reason="../shared/data/mvtec_ad/bottle not present")
+
+SIZE = 64
+LITE0 = "efficientnet_lite0"
+OPTIONS = {
+    "rd4ad": {},
+    "rdpp": {"ssot_points": 32},
+    "dmgrd": {"memory_size": 3, "texture_count": 4, "ssot_points": 32},
+    "memkd": {"exemplars": 3, "memory_items": 16},
+    "drd": {},
+}
+# |onnxruntime - torch| on maps and scores, bottle test images at 64x64: at most 1.9e-6 over the 20 models.
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def bottle():
+    train = dmgrd.data.MVTecAD(BOTTLE, "bottle", "train", image_size=SIZE)
+    test = dmgrd.data.MVTecAD(BOTTLE, "bottle", "test", image_size=SIZE)
+    images = torch.stack([test[i]["image"] for i in range(len(test))])
+    return torch.utils.data.Subset(train, range(8, len(train))), torch.utils.data.Subset(train, range(8)), images
+
+
+@pytest.fixture(scope="module", params=[(m, p) for m in OPTIONS for p in ("clean", "official")],
+                ids=lambda mp: f"{mp[0]}-{mp[1]}")
+def trained(request, bottle, tmp_path_factory):
+    """A model fitted for a few steps on bottle, and its checkpoint with decision thresholds."""
+    method, preset = request.param
+    train, validation, _ = bottle
+    torch.manual_seed(0)
+    model = dmgrd.models.METHODS[method](LITE0, weights=None, preset=preset, image_size=SIZE, **OPTIONS[method])
+    model.fit(train, steps=1, batch_size=2, progress=False)
+    thresholds = dmgrd.calibrate_thresholds(model, validation, batch_size=8)
+    checkpoint = tmp_path_factory.mktemp(f"{method}-{preset}") / "model.pt"
+    model.save(checkpoint)
+    return model, checkpoint, thresholds
+
+
+def run_onnx(path: Path, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    maps, scores = [], []
+    for batch in images.split(16):  # another batch size than the export's
+        out = session.run(["anomaly_map", "score"], {"images": batch.numpy()})
+        maps.append(out[0])
+        scores.append(out[1])
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def assert_same_predictions(model, path: Path, images: torch.Tensor, thresholds: dict) -> None:
+    expected = model(images)
+    maps, scores = run_onnx(path, images)
+    want_maps, want_scores = expected.anomaly_map.numpy(), expected.score.numpy()
+    assert maps.shape == want_maps.shape and scores.shape == want_scores.shape
+    assert np.abs(maps - want_maps).max() < TOLERANCE
+    assert np.abs(scores - want_scores).max() < TOLERANCE
+    assert np.array_equal(scores > thresholds["image"], want_scores > thresholds["image"])
+    assert np.array_equal(maps > thresholds["pixel"], want_maps > thresholds["pixel"])
+
+
+@pytest.mark.parametrize("after", ["fit", "load"])
+def test_onnx_equals_the_model_on_bottle(trained, bottle, tmp_path, after):
+    model, checkpoint, thresholds = trained
+    images = bottle[2]
+    path = tmp_path / "model.onnx"
+    if after == "fit":  # the notebook path: export the model in memory, its parameters still requiring grad
+        assert any(p.requires_grad for p in model.parameters())
+        assert export_onnx(model, path) < TOLERANCE
+        assert model.training is False and any(p.requires_grad for p in model.parameters())
+    else:  # the command line: a checkpoint rebuilt by load
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(path)]) == 0
+        model = dmgrd.load(checkpoint)
+        assert model.thresholds == thresholds
+    assert_same_predictions(model, path, images, thresholds)
