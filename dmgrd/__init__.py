@@ -9,7 +9,7 @@ from dmgrd._source_tree import alias_source_kernels
 alias_source_kernels()
 
 from dmgrd import data, metrics, ops  # noqa: E402  (after the kernels alias)
-from dmgrd.engine import evaluate, fit
+from dmgrd.engine import calibrate_thresholds, evaluate, fit
 from dmgrd.models import (
     DMGRD,
     DRD,
@@ -40,6 +40,7 @@ __all__ = [
     "RD4ADConfig",
     "RDPPConfig",
     "__version__",
+    "calibrate_thresholds",
     "data",
     "evaluate",
     "fit",

@@ -54,15 +54,6 @@ def split_validation(data, fraction: float, seed: int):
     return torch.utils.data.Subset(data, order[count:]), torch.utils.data.Subset(data, order[:count])
 
 
-def decision_thresholds(model, validation, batch_size: int, num_workers: int, quantile: float) -> dict[str, float]:
-    """Image threshold = the largest validation score; pixel threshold = the ``quantile`` of validation pixels."""
-    results = dmgrd.engine.predict(model, validation, batch_size, num_workers, progress=False)
-    scores, pixels = results.scores, results.maps.flatten()
-    if pixels.numel() > 10_000_000:
-        pixels = pixels[torch.randperm(pixels.numel(), generator=torch.Generator().manual_seed(0))[:10_000_000]]
-    return {"image": float(scores.max()), "pixel": float(torch.quantile(pixels, quantile)), "quantile": quantile}
-
-
 # -- commands -----------------------------------------------------------------------------------------------
 
 def init_distributed(device: str) -> tuple[int, str]:
@@ -97,15 +88,14 @@ def train(args) -> int:
     seconds = time.perf_counter() - start
     if rank > 0:
         return 0
-    extra = {"train_state": dmgrd.models.base.read_payload(checkpoint)["train_state"]}
     if validation is not None:
-        extra["thresholds"] = decision_thresholds(model, validation, args.batch_size, args.num_workers,
-                                                  args.threshold_quantile)
-    model.save(checkpoint, **extra)
+        dmgrd.engine.calibrate_thresholds(model, validation, args.threshold_quantile, args.batch_size,
+                                          args.num_workers)
+    model.save(checkpoint, train_state=dmgrd.models.base.read_payload(checkpoint)["train_state"])
     config = {"method": args.method, "dataset": args.dataset, "category": args.category,
               "train_images": len(train_data), "validation_images": 0 if validation is None else len(validation),
               "steps": args.steps, "batch_size": args.batch_size, "model": model.config.to_dict(),
-              "thresholds": extra.get("thresholds")}
+              "thresholds": model.thresholds}
     (out / "config.json").write_text(json.dumps(config, indent=1))
     _write_rows(out / "train_log.csv", [{"step": i, **row} for i, row in enumerate(history)])
     print(f"trained {args.method} for {args.steps} steps in {seconds:.1f} s -> {checkpoint}")
@@ -122,7 +112,7 @@ def test(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _write_rows(out / "scores.csv", [{"path": p, "label": int(y), "score": float(s)}
-                                     for p, y, s in zip(results.paths, results.labels, results.scores)])
+                                     for p, y, s in zip(results.paths, results.labels, results.scores, strict=True)])
     dmgrd.visualize.save_roc_plot(results.labels.numpy(), results.scores.numpy(), out / "roc.png", title=model.method)
     if args.overlays:
         vmin, vmax = _map_range(results.maps)
@@ -135,12 +125,13 @@ def test(args) -> int:
 
 def predict(args) -> int:
     """Score images (files or folders): scores.csv, overlays and, with --masks, binary masks."""
-    model, extra = dmgrd.models.base.read_checkpoint(args.checkpoint, map_location=args.device)
+    model = dmgrd.load(args.checkpoint, map_location=args.device)
     files = _image_files(args.inputs)
-    threshold = args.threshold if args.threshold is not None else (extra.get("thresholds") or {}).get("pixel")
+    stored = model.thresholds or {}
+    threshold = args.threshold if args.threshold is not None else stored.get("pixel")
     if args.masks and threshold is None:
         raise SystemExit("dmgrd: the checkpoint stores no threshold (trained with --val-fraction 0): pass --threshold")
-    image_threshold = (extra.get("thresholds") or {}).get("image")
+    image_threshold = stored.get("image")
     out = Path(args.out)
     rows = []
     for start in range(0, len(files), args.batch_size):
@@ -148,7 +139,8 @@ def predict(args) -> int:
         images = torch.stack([dmgrd.data.read_image(f, model.config.size) for f in chunk])
         prediction = model(images.to(model.device))
         vmin, vmax = (0.0, 2 * threshold) if threshold else _map_range(prediction.anomaly_map)
-        for file, image, amap, score in zip(chunk, images, prediction.anomaly_map.cpu(), prediction.score.cpu()):
+        outputs = zip(chunk, images, prediction.anomaly_map.cpu(), prediction.score.cpu(), strict=True)
+        for file, image, amap, score in outputs:
             row = {"path": str(file), "score": float(score)}
             if image_threshold is not None:
                 row["anomalous"] = int(score > image_threshold)

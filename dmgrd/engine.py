@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from dmgrd.models.base import read_payload
+from dmgrd.models.state import data_buffers
 
 
 def warmup_cosine(step: int, total: int, warmup: int, max_lr: float, min_lr: float) -> float:
@@ -76,20 +77,21 @@ class _TrainingStep(nn.Module):
 
 
 def _trained_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Buffers that change in training (BatchNorm statistics outside the teacher), not memory or teacher."""
-    return [(name, b) for name, b in module.named_buffers()
-            if "teacher." not in name and "_memory." not in name]
+    """Buffers that change in training (BatchNorm statistics outside the teacher): every buffer but the frozen
+    teacher's and the declared data-built ones (:mod:`dmgrd.models.state`)."""
+    fixed = {id(b) for b in module.teacher.buffers()} | {id(b) for _, b in data_buffers(module)}
+    return [(name, b) for name, b in module.named_buffers() if id(b) not in fixed]
 
 
 def _distributed_step(model, device: torch.device) -> nn.Module:
-    """DDP around the training step. Rank 0's memory banks are broadcast once here; DDP then keeps weights and
-    the trainable BatchNorm statistics in step, and ignores the large, fixed memory and teacher buffers."""
+    """DDP around the training step. Rank 0's data-built buffers (memory banks, coresets, exemplars) are
+    broadcast once here; DDP then keeps weights and the trainable BatchNorm statistics in step, and ignores
+    the large, fixed data-built and teacher buffers."""
+    for _, buffer in data_buffers(model):
+        dist.broadcast(buffer, 0)
     step = _TrainingStep(model)
-    for name, buffer in step.named_buffers():
-        if "_memory." in name:
-            dist.broadcast(buffer, 0)
-    trained = {name for name, _ in _trained_buffers(step)}
-    fixed = [name for name, _ in step.named_buffers() if name not in trained]
+    trained = {id(b) for _, b in _trained_buffers(model)}
+    fixed = [name for name, b in step.named_buffers() if id(b) not in trained]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, fixed)
     return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -115,9 +117,10 @@ def _resume_state(model, optimizer, path: Path) -> tuple[int, list[dict[str, flo
 def _require_finite_state(model, done: int) -> None:
     """Raise FloatingPointError, before a checkpoint is written, if a non-finite gradient (with a finite loss)
     made weights or statistics NaN or infinite during the first ``done`` steps."""
-    named = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    named = [*model.named_parameters(), *_trained_buffers(model)]
+    named = [(name, t) for name, t in named if t.is_floating_point()]
     finite = torch.stack([t.isfinite().all() for _, t in named]).tolist()
-    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    bad = [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
     if bad:
         raise FloatingPointError(f"training diverged within the first {done} steps: non-finite values in "
                                  f"{', '.join(bad[:3])}; the checkpoint was not overwritten")
@@ -225,6 +228,23 @@ def predict(model, data, batch_size: int = 16, num_workers: int = 0, progress: b
         masks.append(batch["mask"])
         paths += list(batch["path"])
     return Results(torch.cat(scores), torch.cat(labels), torch.cat(maps), torch.cat(masks), paths)
+
+
+def calibrate_thresholds(model, validation, quantile: float = 0.999, batch_size: int = 16, num_workers: int = 0,
+                         progress: bool = False) -> dict[str, float]:
+    """Set ``model``'s decision thresholds from held-out normal images and return them: the image threshold is
+    the largest validation score, the pixel threshold the ``quantile`` of the validation map values (of at most
+    10 M of them, drawn with a fixed seed). Saved with the model; see :attr:`AnomalyModel.thresholds`."""
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    if len(validation) == 0:
+        raise ValueError("validation is empty: thresholds need held-out normal images")
+    results = predict(model, validation, batch_size, num_workers, progress=progress)
+    pixels = results.maps.flatten()
+    if pixels.numel() > 10_000_000:
+        pixels = pixels[torch.randperm(pixels.numel(), generator=torch.Generator().manual_seed(0))[:10_000_000]]
+    model.set_thresholds(float(results.scores.max()), float(torch.quantile(pixels, quantile)))
+    return model.thresholds
 
 
 def evaluate(model, test_data, batch_size: int = 16, num_workers: int = 0, progress: bool = True) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Distributed training with the gloo backend on CPU: two ranks end with identical weights."""
+"""Distributed training with the gloo backend on CPU: two ranks end with identical weights and data-built state."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dmgrd
+from dmgrd.models.state import register_data_buffer
 
 
 def _train_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -18,10 +19,12 @@ def _train_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.manual_seed(rank)  # different initial weights on purpose: rank 0's are broadcast
     model = dmgrd.DMGRD("efficientnet_lite0", weights=None, image_size=64, memory_size=3, texture_count=4,
                         ssot_points=32)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    # A data-built buffer under a name nothing else knows: the declaration alone must get rank 0's to rank 1.
+    register_data_buffer(model.fusion, "calibration", torch.full((4,), float(rank + 1)))
+    initial = {k: v.clone() for k, v in model.named_parameters()}
     data = [{"image": torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i))} for i in range(8)]
     model.fit(data, steps=3, batch_size=2, progress=False)
-    changed = any(not torch.equal(initial[k], v) for k, v in model.state_dict().items() if "memory" not in k)
+    changed = any(not torch.equal(initial[k], v) for k, v in model.named_parameters())
     torch.save({"state": model.state_dict(), "changed": changed}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -31,8 +34,9 @@ def test_two_gloo_ranks_end_with_identical_weights(tmp_path):
     first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert first["changed"] and second["changed"]
     for name, value in first["state"].items():
-        assert torch.equal(value, second["state"][name]), name
+        torch.testing.assert_close(value, second["state"][name], rtol=0, atol=0, equal_nan=True, msg=name)
     assert (first["state"]["normal_memory.indices"] >= 0).all()
+    assert torch.equal(second["state"]["fusion.calibration"], torch.ones(4))
 
 
 def test_torchrun_cli_trains_and_rank0_writes(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
 import tempfile
@@ -15,6 +16,7 @@ from torch import nn
 
 from dmgrd import ops
 from dmgrd.losses import KD_REDUCTIONS
+from dmgrd.models.state import data_buffers, register_data_buffer
 from dmgrd.models.teacher import Teacher
 from dmgrd.ops.image_score import MODES as IMAGE_SCORE_MODES
 
@@ -97,7 +99,7 @@ class AnomalyModel(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.method:
+        if cls.__dict__.get("method"):  # a subclass that names no method of its own registers nothing
             METHODS[cls.method] = cls
 
     def __init__(self, config: ModelConfig):
@@ -107,6 +109,9 @@ class AnomalyModel(nn.Module):
             raise ValueError(f"image_size must be a multiple of 32 in both dimensions, got {config.image_size}")
         self.config = config
         self.teacher = Teacher(config.backbone, config.weights)
+        # Decision thresholds on the image score and the map, chosen on held-out normal images (NaN: not set).
+        register_data_buffer(self, "image_threshold", torch.tensor(float("nan")))
+        register_data_buffer(self, "pixel_threshold", torch.tensor(float("nan")))
 
     # -- to implement -------------------------------------------------------------------------------
     def student_features(self, teacher_feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -134,6 +139,22 @@ class AnomalyModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def thresholds(self) -> dict[str, float] | None:
+        """The decision thresholds ``{"image": t_score, "pixel": t_map}``, or None when they were never set
+        (:func:`dmgrd.engine.calibrate_thresholds`); a score or map value above its threshold is anomalous."""
+        image, pixel = float(self.image_threshold), float(self.pixel_threshold)
+        return None if math.isnan(image) or math.isnan(pixel) else {"image": image, "pixel": pixel}
+
+    @torch.no_grad()
+    def set_thresholds(self, image: float, pixel: float) -> None:
+        """Store the decision thresholds (saved with the model)."""
+        for name, value in (("image", image), ("pixel", pixel)):
+            if not math.isfinite(value):
+                raise ValueError(f"the {name} threshold must be a finite number, got {value}")
+        self.image_threshold.fill_(image)
+        self.pixel_threshold.fill_(pixel)
+
     def check_images(self, images: torch.Tensor) -> None:
         """Raise ValueError unless ``images`` is a float [B, 3, H, W] batch on the model's device at its image
         size, finite and within :data:`IMAGE_RANGE`; the message names the problem and how to fix it."""
@@ -150,7 +171,7 @@ class AnomalyModel(nn.Module):
         if tuple(images.shape[2:]) != self.config.size:
             raise ValueError(f"images are {tuple(images.shape[2:])} but the model expects image_size "
                              f"{self.config.size}; resize them (the dataset readers do)")
-        if images.numel() == 0:
+        if images.numel() == 0 or torch.jit.is_tracing():  # a traced graph (ONNX export) has no value checks
             return
         low, high = torch.aminmax(images)
         if not (low.isfinite() and high.isfinite()):
@@ -190,10 +211,11 @@ class AnomalyModel(nn.Module):
         return fit(self, train_data, steps=steps, batch_size=batch_size, **kwargs)
 
     def save(self, path: str | Path, **extra) -> None:
-        """Write config, weights and buffers (memory banks) to ``path`` atomically (write, then rename).
+        """Write config, weights and buffers (memory banks, thresholds) to ``path`` atomically (write, then
+        rename), with the names of the data-built buffers (:mod:`dmgrd.models.state`) that loading checks.
 
         ``extra`` entries (tensors, numbers, strings, lists and dicts of them) are stored beside the model,
-        e.g. the training state for resuming or a decision threshold; :func:`read_checkpoint` returns them.
+        e.g. the training state for resuming; :func:`read_checkpoint` returns them.
         """
         payload = {
             "format": CHECKPOINT_FORMAT,
@@ -201,6 +223,7 @@ class AnomalyModel(nn.Module):
             "method": self.method,
             "config": self.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            "data_state": [name for name, _ in data_buffers(self)],
             **extra,
         }
         atomic_save(payload, Path(path))
@@ -266,8 +289,13 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device | None = 
         model = cls(config=cls.config_class(**config))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path} holds a {method} configuration this dmgrd cannot build: {exc}") from None
+    declared = [name for name, _ in data_buffers(model)]
+    saved_state = payload.pop("data_state", declared)  # files from before the declaration hold the same buffers
+    if sorted(saved_state) != sorted(declared):
+        raise ValueError(f"{path}: its data-built buffers {sorted(saved_state)} are not those of this dmgrd's "
+                         f"{method} model {sorted(declared)}")
     try:
-        model.load_state_dict(payload.pop("state_dict"))
+        model.load_state_dict(_with_thresholds(payload.pop("state_dict"), payload))
     except RuntimeError as exc:
         raise ValueError(f"{path}: the saved weights do not fit a {method} model of the saved configuration: "
                          f"{exc}") from None
@@ -276,6 +304,16 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     if map_location is not None:
         model.to(map_location)
     return model, payload
+
+
+def _with_thresholds(state: dict, payload: dict) -> dict:
+    """``state`` with the threshold buffers; files written before thresholds were model state keep them in a
+    ``"thresholds"`` entry (or have none: NaN, not set)."""
+    if "image_threshold" in state:
+        return state
+    stored = payload.get("thresholds") or {}
+    thresholds = {f"{kind}_threshold": torch.tensor(float(stored.get(kind, math.nan))) for kind in ("image", "pixel")}
+    return {**state, **thresholds}
 
 
 def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> AnomalyModel:

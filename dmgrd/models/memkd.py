@@ -107,11 +107,10 @@ class MemKD(ReverseDistillation):
         self.memories = nn.ModuleList(
             NRMemory(c, config.memory_items, config.temperature, config.shrink) if level in config.memory_levels
             else nn.Identity()
-            for level, c in zip(LEVELS, channels)
+            for level, c in zip(LEVELS, channels, strict=True)
         )
         height, width = config.size
         sizes = tuple((height // s, width // s) for s in self.teacher.strides)
-        # A "*_memory" name: distributed training broadcasts it from rank 0 like DM-GRD's banks.
         self.exemplar_memory = MemoryBank(channels, sizes, config.exemplars)
 
     def decode(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -153,7 +152,7 @@ class MemKD(ReverseDistillation):
         return greedy_kcenter(pooled, count).cpu()
 
     def _teacher_pyramids(self, train_data, indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-        return [torch.cat(level) for level in zip(*self._teacher_batches(train_data, indices, batch_size))]
+        return [torch.cat(level) for level in zip(*self._teacher_batches(train_data, indices, batch_size), strict=True)]
 
     def _teacher_batches(self, train_data, indices: torch.Tensor, batch_size: int) -> Iterator[list[torch.Tensor]]:
         """Teacher pyramids of the training images ``indices``, one batch at a time."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmgrd import ops
+from dmgrd.models.state import register_data_buffer
 from dmgrd.ops.memory_nearest import pairwise_distance_reference
 
 SELECTIONS = ("l2", "attention", "legacy")
@@ -61,9 +62,9 @@ class MemoryBank(nn.Module):
             raise ValueError(f"memory_size must be at least 3, got {memory_size}")
         self.selection = selection
         self.num_levels = len(channels)
-        for level, (c, (h, w)) in enumerate(zip(channels, sizes)):
-            self.register_buffer(f"items_{level}", torch.zeros(memory_size, c, h, w))
-        self.register_buffer("indices", torch.full((memory_size,), -1, dtype=torch.long))
+        for level, (c, (h, w)) in enumerate(zip(channels, sizes, strict=True)):
+            register_data_buffer(self, f"items_{level}", torch.zeros(memory_size, c, h, w))
+        register_data_buffer(self, "indices", torch.full((memory_size,), -1, dtype=torch.long))
         self._cache = DerivedCache()
 
     def _apply(self, fn, recurse=True):
@@ -81,7 +82,7 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def fill(self, feats: list[torch.Tensor], indices: torch.Tensor) -> None:
         """Store the teacher pyramids ``feats`` (each [L, C_l, H_l, W_l]) of dataset items ``indices``."""
-        for item, f in zip(self.items, feats):
+        for item, f in zip(self.items, feats, strict=True):
             if f.shape != item.shape:
                 raise ValueError(f"memory item shape {tuple(f.shape)} != bank shape {tuple(item.shape)}")
             item.copy_(f)
@@ -104,9 +105,9 @@ class MemoryBank(nn.Module):
             dist, index = ops.memory_nearest(flatten_scaled(feats, bank.dtype), bank, bank.shape[0], "l2")
             return torch.empty_like(dist).scatter_(1, index, dist)
         if self.selection == "attention":
-            return -sum(_item_attention(f, m).mean(2) for f, m in zip(feats, self.items))
+            return -sum(_item_attention(f, m).mean(2) for f, m in zip(feats, self.items, strict=True))
         k = self.items[0].shape[0] // 3
-        return torch.cat([_legacy_statistic(f, m, k) for f, m in zip(feats, self.items)], dim=1)
+        return torch.cat([_legacy_statistic(f, m, k) for f, m in zip(feats, self.items, strict=True)], dim=1)
 
     @torch.no_grad()
     def nearest(self, feats: list[torch.Tensor]) -> torch.Tensor:
@@ -124,7 +125,7 @@ class MemoryBank(nn.Module):
         """Index j* [B] of the chosen item and the memory-guided inputs ``[F_l, (M_l[j*] - F_l)^2]`` per level."""
         self.check_filled()
         chosen = self.nearest(feats)
-        return chosen, [guided_input(f, m[chosen]) for f, m in zip(feats, self.items)]
+        return chosen, [guided_input(f, m[chosen]) for f, m in zip(feats, self.items, strict=True)]
 
 
 class PatchMemoryBank(MemoryBank):
@@ -148,7 +149,7 @@ class PatchMemoryBank(MemoryBank):
         if coreset_ratio < 1:
             for level, (h, w) in enumerate(sizes):
                 size = max(1, int(coreset_ratio * memory_size * h * w))
-                self.register_buffer(f"coreset_{level}", torch.full((size,), -1, dtype=torch.long))
+                register_data_buffer(self, f"coreset_{level}", torch.full((size,), -1, dtype=torch.long))
 
     @property
     def coresets(self) -> list[torch.Tensor]:
@@ -196,7 +197,7 @@ class PatchMemoryBank(MemoryBank):
         self.check_filled()
         rows = self.nearest_patches(feats)
         guided = []
-        for level, (f, index) in enumerate(zip(feats, rows)):
+        for level, (f, index) in enumerate(zip(feats, rows, strict=True)):
             nearest = self.patch_bank(level)[index].permute(0, 3, 1, 2)  # B x C x H x W
             guided.append(guided_input(f, nearest))
         return rows, guided
