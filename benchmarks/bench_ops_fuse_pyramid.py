@@ -23,8 +23,8 @@ def make_inputs(teacher: str, device: str, requires_grad: bool):
         return torch.randn(*shape, generator=gen).to(device).requires_grad_(requires_grad)
 
     channels = TEACHERS[teacher]
-    inputs = [rand(BATCH, 2 * c, s, s) for c, s in zip(channels, SIZES)]
-    features = [rand(BATCH, c, s, s) for c, s in zip(channels, SIZES)]
+    inputs = [rand(BATCH, 2 * c, s, s) for c, s in zip(channels, SIZES, strict=True)]
+    features = [rand(BATCH, c, s, s) for c, s in zip(channels, SIZES, strict=True)]
     logits = [rand(BATCH, 1, s, s) for s in SIZES]
     return inputs, features, logits
 

@@ -39,7 +39,7 @@ def cos_chan(teacher: list[torch.Tensor], student: list[torch.Tensor], mode: str
     if mode == "flatten":
         return kd_loss(teacher, student, "flatten")
     return sum((1 - F.cosine_similarity(t.float().flatten(2), s.float().flatten(2), dim=2)).mean()
-               for t, s in zip(teacher, student))
+               for t, s in zip(teacher, student, strict=True))
 
 
 def seg_l1(anomaly_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def seg_l1(anomaly_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def contrast_loss(abnormal: list[torch.Tensor], normal: list[torch.Tensor], margin: float = 0.5) -> torch.Tensor:
     """Σ_l mean_b max(0, cos(vec a_l[b], vec n_l[b]) - margin): CosineEmbeddingLoss with target -1."""
     total = 0.0
-    for a, n in zip(abnormal, normal):
+    for a, n in zip(abnormal, normal, strict=True):
         total = total + F.relu(F.cosine_similarity(a.float().flatten(1), n.float().flatten(1), dim=1) - margin).mean()
     return total
 
@@ -146,7 +146,7 @@ def triplet_loss(anchor: list[torch.Tensor], positive: list[torch.Tensor], negat
     ``num_levels * margin`` and has no gradient (SPEC §4.5).
     """
     total = 0.0
-    for a, p, n in zip(anchor, positive, negative):
+    for a, p, n in zip(anchor, positive, negative, strict=True):
         pooled = [F.normalize(x.float().mean((2, 3)), dim=1) for x in (a, p, n)]
         total = total + F.triplet_margin_loss(*pooled, margin=margin)
     return total
@@ -161,7 +161,7 @@ def memory_margin_loss(student: list[torch.Tensor], normal: list[torch.Tensor], 
     DM-GRD's ``triplet="memory"`` passes the student output of every training input.
     """
     total = 0.0
-    for s, n, a in zip(student, normal, abnormal):
+    for s, n, a in zip(student, normal, abnormal, strict=True):
         query = F.normalize(s.to(n.dtype).mean((2, 3)), dim=1)
         total = total + ops.dual_memory_margin(query, n, a, margin, "l2")[4].mean()
     return total

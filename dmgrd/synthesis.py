@@ -320,7 +320,7 @@ def cutpaste_sides(count: int, side: int, generator: torch.Generator,
     """
     if side < 4:
         raise ValueError(f"images must be at least 4 pixels on each side for a cut-paste, got {side}")
-    low, high, prob = (torch.tensor(column, dtype=torch.float64) for column in zip(*sizes))
+    low, high, prob = (torch.tensor(column, dtype=torch.float64) for column in zip(*sizes, strict=True))
     cumulative = (prob / prob.sum()).cumsum(0)
     uniform = torch.rand(count, generator=generator, device=generator.device).cpu()
     component = (uniform[:, None] >= cumulative[:-1]).sum(1)
@@ -404,7 +404,7 @@ def simplex_noise3(points: torch.Tensor, permutation: torch.Tensor) -> torch.Ten
     skew = sum(coords) * _SKEW3
     cell = [(c + skew).floor() for c in coords]
     unskew = sum(cell) * _UNSKEW3
-    x, y, z = origin = [c - (i - unskew) for c, i in zip(coords, cell)]  # position in the cell, unskewed
+    x, y, z = origin = [c - (i - unskew) for c, i in zip(coords, cell, strict=True)]  # position in the cell, unskewed
     x_ge_y, y_ge_z, x_ge_z = x >= y, y >= z, x >= z
     x_first, y_first = x_ge_y & x_ge_z, ~x_ge_y & y_ge_z
     largest = (x_first, y_first, ~(x_first | y_first))
@@ -414,8 +414,8 @@ def simplex_noise3(points: torch.Tensor, permutation: torch.Tensor) -> torch.Ten
     total = torch.zeros_like(x)
     for n, corner in enumerate(((0, 0, 0), largest, two_largest, (1, 1, 1))):
         corner = [torch.as_tensor(c, device=points.device).long() for c in corner]
-        offset = [o - c + n * _UNSKEW3 for o, c in zip(origin, corner)]
-        i, j, k = (base + c for base, c in zip(lattice, corner))
+        offset = [o - c + n * _UNSKEW3 for o, c in zip(origin, corner, strict=True)]
+        i, j, k = (base + c for base, c in zip(lattice, corner, strict=True))
         gradient = gradients[lookup(i + lookup(j + lookup(k))) % len(_SIMPLEX_GRADIENTS)].unbind(-1)
         falloff = (0.6 - offset[0] * offset[0] - offset[1] * offset[1] - offset[2] * offset[2]).clamp_min(0)
         total = total + falloff**4 * (gradient[0] * offset[0] + gradient[1] * offset[1] + gradient[2] * offset[2])

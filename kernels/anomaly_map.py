@@ -130,7 +130,7 @@ def _cosine_distances(teacher: Sequence[torch.Tensor], student: Sequence[torch.T
     batch = teacher[0].shape[0]
     sizes = [batch * t.shape[2] * t.shape[3] for t in teacher]
     dist = torch.empty(sum(sizes), dtype=torch.float32, device=teacher[0].device)
-    for t, s, d in zip(teacher, student, dist.split(sizes)):
+    for t, s, d in zip(teacher, student, dist.split(sizes), strict=True):
         _, channels, height, width = t.shape
         block_c, block_p = _cosine_blocks(t)
         grid = (triton.cdiv(height * width, block_p), batch)

@@ -204,14 +204,14 @@ def cosine_kd_loss_forward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 loss, float32 coefficients ``[rows, 3]``) of float16/bfloat16/float32 pyramids, any layout."""
     pixel = reduction == "pixel"
-    levels = [_Level(t, s) for t, s in zip(teacher, student)]
+    levels = [_Level(t, s) for t, s in zip(teacher, student, strict=True)]
     device = teacher[0].device
     coeffs = torch.empty((num_rows(teacher, reduction), 3), dtype=torch.float32, device=device)
     # One term per flatten row, one partial sum per pixel-tile program.
     term_sizes = [lv.batch * (lv.pieces(pixel) if pixel else 1) for lv in levels]
     terms = torch.empty(sum(term_sizes), dtype=torch.float32, device=device)
     row_coeffs = coeffs.split([lv.rows(pixel) for lv in levels])
-    for lv, c, term in zip(levels, row_coeffs, terms.split(term_sizes)):
+    for lv, c, term in zip(levels, row_coeffs, terms.split(term_sizes), strict=True):
         _level_forward(lv, pixel, c, term)
     return terms.sum(), coeffs
 
@@ -222,10 +222,10 @@ def cosine_kd_loss_backward_triton(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gradients of the student features (and of the teacher's when ``teacher_grad``), in their kernel layout."""
     pixel = reduction == "pixel"
-    levels = [_Level(t, s) for t, s in zip(teacher, student)]
+    levels = [_Level(t, s) for t, s in zip(teacher, student, strict=True)]
     grad = grad.to(torch.float32).reshape(1)
     grads_s, grads_t = [], []
-    for lv, c in zip(levels, coeffs.split([lv.rows(pixel) for lv in levels])):
+    for lv, c in zip(levels, coeffs.split([lv.rows(pixel) for lv in levels]), strict=True):
         gs = lv.empty_grad(lv.s)
         gt = lv.empty_grad(lv.t) if teacher_grad else gs
         grid = (lv.pieces(pixel), lv.batch)

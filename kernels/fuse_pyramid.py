@@ -219,7 +219,7 @@ def channel_pool_backward_triton(grad: torch.Tensor, x: torch.Tensor, pooled: to
 def fuse_pyramid_triton(features: list[torch.Tensor], logits: list[torch.Tensor]) -> list[torch.Tensor]:
     """``[f_l * m_l]`` with the attention masks of ``logits``."""
     outputs = []
-    for f, m in zip(features, _attention_masks(logits)):
+    for f, m in zip(features, _attention_masks(logits), strict=True):
         out = dense_like(f)
         _gate_kernel[_pixel_grid(f, _BLOCK_P)](f, m, out, f.shape[1], f.shape[2] * f.shape[3], f.shape[3],
                                                *f.stride(), *out.stride(), BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)
@@ -232,7 +232,7 @@ def fuse_pyramid_backward_triton(grads: list[torch.Tensor], features: list[torch
     """Gradients of :func:`fuse_pyramid_triton` with respect to features and logits."""
     masks = _attention_masks(logits)
     grad_features, grad_masks = [], []
-    for g, f, m in zip(grads, features, masks):
+    for g, f, m in zip(grads, features, masks, strict=True):
         grad_f, grad_m = dense_like(f), torch.empty_like(m)
         _gate_backward_kernel[_pixel_grid(f, _BLOCK_P)](
             g, f, m, grad_f, grad_m, f.shape[1], f.shape[2] * f.shape[3], f.shape[3],

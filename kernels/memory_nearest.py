@@ -246,7 +246,7 @@ class _Problem:
         item_terms = torch.empty(self.items, dtype=torch.float32, device=device)
         self.row_terms(self.query, q_terms)
         start = 0
-        for bank, size in zip(self.banks, self.sizes):
+        for bank, size in zip(self.banks, self.sizes, strict=True):
             self.row_terms(bank, item_terms[start:start + size])
             start += size
         nb = len(self.banks)

@@ -196,7 +196,7 @@ def test_folder_normal_only_reads_every_format(tmp_path):
     formats = _formats(tmp_path / "normal")
     data = Folder(tmp_path / "normal", image_size=(HEIGHT, WIDTH))
     assert len(data) == 4
-    for item, (path, expected) in zip(data, formats.values()):
+    for item, (path, expected) in zip(data, formats.values(), strict=True):
         _check_item(item, (HEIGHT, WIDTH), 0, path)
         assert torch.allclose(item["image"], expected, atol=1e-6)
         assert item["mask"].sum() == 0

@@ -33,7 +33,7 @@ def patch_model() -> dmgrd.DMGRD:
 
 
 def random_pyramid(gen, batch, scale=1.0) -> list[torch.Tensor]:
-    return [scale * torch.randn(batch, c, h, w, generator=gen) for c, (h, w) in zip(CHANNELS, SIZES)]
+    return [scale * torch.randn(batch, c, h, w, generator=gen) for c, (h, w) in zip(CHANNELS, SIZES, strict=True)]
 
 
 def filled(bank: MemoryBank, gen, **options) -> MemoryBank:
@@ -44,7 +44,7 @@ def filled(bank: MemoryBank, gen, **options) -> MemoryBank:
 def old_l2_distances(feats, items) -> torch.Tensor:
     """The previous hand-written selection: one B x D @ D x L product per level, mean over C, H, W."""
     total = 0
-    for f, m in zip(feats, items):
+    for f, m in zip(feats, items, strict=True):
         f, m = f.flatten(1).float(), m.flatten(1).float()
         total = total + (f.square().sum(1, keepdim=True) + m.square().sum(1) - 2 * f @ m.T).clamp_min(0) / f.shape[1]
     return total
@@ -56,12 +56,13 @@ def old_l2_distances(feats, items) -> torch.Tensor:
 def test_l2_selection_equals_the_old_formula(gen):
     bank = filled(MemoryBank(CHANNELS, SIZES, memory_size=7), gen)
     queries = [m[[4, 0, 6]] + 0.3 * torch.randn_like(m[[4, 0, 6]]) for m in bank.items]
-    queries = [torch.cat([q, f]) for q, f in zip(queries, random_pyramid(gen, 5))]  # and 5 unrelated inputs
+    # and 5 unrelated inputs
+    queries = [torch.cat([q, f]) for q, f in zip(queries, random_pyramid(gen, 5), strict=True)]
     old = old_l2_distances(queries, bank.items)
     assert torch.allclose(bank.distances(queries), old, rtol=1e-5, atol=1e-5)
     chosen, guided = bank.select(queries)
     assert torch.equal(chosen, old.argmin(1)) and chosen[:3].tolist() == [4, 0, 6]
-    for f, m, g in zip(queries, bank.items, guided):
+    for f, m, g in zip(queries, bank.items, guided, strict=True):
         assert torch.equal(g, torch.cat([f, (m[chosen] - f).square()], dim=1))
     flat = torch.cat([q.flatten(1) / q[0].numel() ** 0.5 for q in queries], 1)
     bank_flat = torch.cat([m.flatten(1) / m[0].numel() ** 0.5 for m in bank.items], 1)
@@ -108,7 +109,7 @@ def brute_force_nearest(f: torch.Tensor, patches: torch.Tensor) -> tuple[torch.T
 
 def check_patch_selection(bank: PatchMemoryBank, feats: list[torch.Tensor], banks: list[torch.Tensor]) -> None:
     rows, guided = bank.select(feats)
-    for f, patches, index, g in zip(feats, banks, rows, guided):
+    for f, patches, index, g in zip(feats, banks, rows, guided, strict=True):
         assert index.shape == (f.shape[0], *f.shape[2:]) and g.shape == (f.shape[0], 2 * f.shape[1], *f.shape[2:])
         dist, nearest = brute_force_nearest(f, patches)
         chosen = dist.gather(-1, index.unsqueeze(-1)).squeeze(-1)
@@ -127,9 +128,10 @@ def test_patch_memory_finds_the_true_nearest_patch(gen):
     check_patch_selection(bank, queries, patches)
     # a query made of memory patches finds exactly those patches (distance 0)
     copy = [p[perm].view(2, *f.shape[2:], -1).permute(0, 3, 1, 2)
-            for p, f, perm in zip(patches, queries, (torch.randperm(192)[:128], torch.arange(32), torch.arange(8)))]
+            for p, f, perm in zip(patches, queries, (torch.randperm(192)[:128], torch.arange(32), torch.arange(8)),
+                                  strict=True)]
     rows, guided = bank.select(copy)
-    for f, p, index, g in zip(copy, patches, rows, guided):
+    for f, p, index, g in zip(copy, patches, rows, guided, strict=True):
         assert torch.equal(p[index].permute(0, 3, 1, 2), f) and g[:, f.shape[1]:].abs().max() == 0
 
 
@@ -139,7 +141,7 @@ def test_patch_coreset_is_greedy_k_center_of_the_projected_patches(gen):
     filled(bank, gen, generator=torch.Generator().manual_seed(3))
     assert bank.filled and [c.numel() for c in bank.coresets] == [48, 12, 3]
     projection_gen = torch.Generator().manual_seed(3)
-    for level, (m, coreset) in enumerate(zip(bank.items, bank.coresets)):
+    for level, (m, coreset) in enumerate(zip(bank.items, bank.coresets, strict=True)):
         patches = m.permute(0, 2, 3, 1).reshape(-1, m.shape[1])
         projection = 5 if m.shape[1] > 5 else None  # level 0 has 4 channels: no projection
         expected = ops.greedy_coreset(patches, coreset.numel(), projection_dim=projection, generator=projection_gen)
@@ -170,7 +172,7 @@ def test_coreset_size_and_save_load_round_trip(patch_model, tmp_path):
     assert loaded.config == patch_model.config
     for name in ("normal_memory", "abnormal_memory"):
         ours, theirs = getattr(patch_model, name), getattr(loaded, name)
-        assert all(torch.equal(a, b) for a, b in zip(ours.coresets, theirs.coresets))
+        assert all(torch.equal(a, b) for a, b in zip(ours.coresets, theirs.coresets, strict=True))
         assert all(torch.equal(ours.patch_bank(level), theirs.patch_bank(level)) for level in range(3))
     images = torch.rand(2, 3, 64, 64)
     assert torch.equal(patch_model(images).anomaly_map, loaded(images).anomaly_map)
@@ -181,10 +183,11 @@ def test_coreset_size_and_save_load_round_trip(patch_model, tmp_path):
 
 def test_memory_triplet_equals_a_manual_computation(patch_model, gen):
     student = [torch.randn(3, c, 64 // s, 64 // s, generator=gen, requires_grad=True)
-               for c, s in zip(patch_model.teacher.channels, (4, 8, 16))]
+               for c, s in zip(patch_model.teacher.channels, (4, 8, 16), strict=True)]
     value = patch_model._triplet(None, None, None, None, None, student)
     expected = 0
-    for s, normal, abnormal in zip(student, patch_model.normal_memory.items, patch_model.abnormal_memory.items):
+    banks = zip(student, patch_model.normal_memory.items, patch_model.abnormal_memory.items, strict=True)
+    for s, normal, abnormal in banks:
         q = F.normalize(s.detach().double().mean((2, 3)), dim=1)
         d_n = torch.cdist(q, F.normalize(normal.double().mean((2, 3)), dim=1)).square().amin(1)
         d_a = torch.cdist(q, F.normalize(abnormal.double().mean((2, 3)), dim=1)).square().amin(1)
@@ -214,7 +217,7 @@ def test_training_steps_with_patch_memory_and_memory_triplet(patch_model):
         optimizer.step()
     patch_model.eval()
     optimizer.zero_grad(set_to_none=True)
-    assert any(not torch.equal(a, b) for a, b in zip(before, patch_model.decoder.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, patch_model.decoder.parameters(), strict=True))
     assert torch.isfinite(patch_model(torch.rand(1, 3, 64, 64, generator=gen)).anomaly_map).all()
 
 
@@ -260,5 +263,6 @@ def test_memory_selection_exports_to_onnx(gen, tmp_path):
         torch.onnx.export(graph, tuple(feats), str(path), opset_version=17, dynamo=False)
         expected = graph(*feats)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {i.name: f.numpy() for i, f in zip(session.get_inputs(), feats)})
-    assert len(got) == 6 and all(torch.allclose(torch.from_numpy(g), e, atol=1e-5) for g, e in zip(got, expected))
+    got = session.run(None, {i.name: f.numpy() for i, f in zip(session.get_inputs(), feats, strict=True)})
+    assert len(got) == 6
+    assert all(torch.allclose(torch.from_numpy(g), e, atol=1e-5) for g, e in zip(got, expected, strict=True))

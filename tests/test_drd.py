@@ -58,7 +58,7 @@ def test_shapes_through_every_module(size):
     images = torch.rand(2, 3, height, width)
     teacher = model.teacher(images)
     pyramid = [tuple(f.shape) for f in teacher]
-    assert pyramid == [(2, c, height // s, width // s) for c, s in zip(channels, (4, 8, 16))]
+    assert pyramid == [(2, c, height // s, width // s) for c, s in zip(channels, (4, 8, 16), strict=True)]
     code = model.bottleneck(teacher)
     assert code.shape == (2, 2 * channels[2], height // 32, width // 32)
     assert [tuple(s.shape) for s in model.decoder(code)] == pyramid
@@ -83,7 +83,7 @@ def test_self_cutpaste_changes_only_the_pasted_square(gen):
     assert mask.shape == (6, 1, SIZE, 48) and set(mask.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(augmented * (1 - mask), images * (1 - mask))
     assert augmented.max() > 1  # patch + 0.2 * destination, not clipped
-    for img, aug, m in zip(images, augmented, mask[:, 0]):
+    for img, aug, m in zip(images, augmented, mask[:, 0], strict=True):
         rows, cols = m.any(1).nonzero()[:, 0], m.any(0).nonzero()[:, 0]
         top, left, side = int(rows[0]), int(cols[0]), len(rows)
         assert len(cols) == side and m.sum() == side * side  # one square
@@ -127,12 +127,13 @@ def test_cos_chan_matches_a_loop_and_the_flattened_option(gen):
     teacher = [torch.randn(3, 5, 4, 6, generator=gen), torch.randn(3, 7, 6, 4, generator=gen).transpose(2, 3)]
     student = [t + torch.randn(t.shape, generator=gen) for t in teacher]
     expected = 0.0
-    for t, s in zip(teacher, student):
+    for t, s in zip(teacher, student, strict=True):
         level = [1 - torch.dot(t[b, c].flatten(), s[b, c].flatten()) / (t[b, c].norm() * s[b, c].norm())
                  for b in range(t.shape[0]) for c in range(t.shape[1])]
         expected += torch.stack(level).mean()
     torch.testing.assert_close(cos_chan(teacher, student), expected, atol=1e-5, rtol=0)
-    flat = sum((1 - F.cosine_similarity(t.flatten(1), s.flatten(1))).mean() for t, s in zip(teacher, student))
+    pairs = zip(teacher, student, strict=True)
+    flat = sum((1 - F.cosine_similarity(t.flatten(1), s.flatten(1))).mean() for t, s in pairs)
     torch.testing.assert_close(cos_chan(teacher, student, "flatten"), flat)
     assert torch.equal(cos_chan(teacher, student, "flatten"), kd_loss(teacher, student, "flatten"))
     scaled = [t * torch.rand(3, 5, 1, 1, generator=gen) for t in teacher[:1]]  # a per-channel scale costs nothing
@@ -170,11 +171,11 @@ def test_l_seg_compares_the_restoring_branch_with_the_specified_features(seg_tar
     assert torch.equal(augmented, self_cutpaste(images, seeded(3), per_sample=True)[0])
     fed, restoring = seen["bottleneck"]
     assert fed is clean  # the normal branch decodes the clean pyramid
-    noise = torch.cat([(r - a).flatten() for r, a in zip(restoring, augmented_feats)])
+    noise = torch.cat([(r - a).flatten() for r, a in zip(restoring, augmented_feats, strict=True)])
     assert noise.std().item() == pytest.approx(0.1, rel=0.1) and noise.mean().abs() < 0.02
     seg_teacher = seen["seg"][0]
     expected = restoring if seg_target == "noisy" else augmented_feats  # official: the in-place noise aliasing
-    assert all(s is e for s, e in zip(seg_teacher, expected))
+    assert all(s is e for s, e in zip(seg_teacher, expected, strict=True))
     assert seen["seg"][2:] == (((SIZE, SIZE),), {"reduce": "mean", "sigma": 0})
 
 
@@ -245,7 +246,7 @@ def test_refined_score_equals_a_manual_computation(fitted):
         student = model.student_features(teacher)
     torch.testing.assert_close(prediction.anomaly_map,
                                ops.anomaly_map_reference(teacher, student, (SIZE, SIZE), "sum", 4.0))
-    levels = [1 - F.cosine_similarity(t, s, dim=1) for t, s in zip(teacher, student)]  # B x h x w
+    levels = [1 - F.cosine_similarity(t, s, dim=1) for t, s in zip(teacher, student, strict=True)]  # B x h x w
     for b in range(3):
         resized = [F.interpolate(a[b][None, None], size=(SIZE, SIZE), mode="bilinear", align_corners=True)
                    for a in levels]

@@ -50,7 +50,7 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path):
     resumed = new_model()
     history = resumed.fit(data, steps=6, batch_size=2, progress=False, checkpoint=tmp_path / "ck.pt", resume=True)
     assert history == expected
-    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

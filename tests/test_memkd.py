@@ -158,7 +158,7 @@ def test_prepare_initialises_the_memories_from_the_exemplars(init):
     model.prepare(train_set(4), torch.Generator().manual_seed(5), batch_size=4)
     expected = torch.randperm(4, generator=torch.Generator().manual_seed(5))[:3]
     assert model.exemplar_memory.indices.tolist() == expected.tolist()
-    for memory, feats, old in zip(model.memories, model.exemplar_features, before):
+    for memory, feats, old in zip(model.memories, model.exemplar_features, before, strict=True):
         rows = to_pixels(feats)
         if init == "kmeans":
             assert torch.equal(memory.memory.detach(), spherical_kmeans(rows, 8))
@@ -173,7 +173,7 @@ def test_normality_embedding_loss_matches_a_manual_computation(fitted):
     model, _ = fitted
     model.eval()
     manual = 0.0
-    for memory, feats in zip(model.memories, model.exemplar_features):
+    for memory, feats in zip(model.memories, model.exemplar_features, strict=True):
         rows = to_pixels(feats)
         distance = 1 - F.cosine_similarity(rows[:, None, :], memory.memory.detach()[None], dim=2)
         recalled = to_pixels(memory(feats).detach())
@@ -224,7 +224,7 @@ def test_memories_follow_the_chosen_levels_coarse_to_fine():
     s3 = model.memories[2](decoder.stage3(model.bottleneck(feats)))
     s2 = decoder.stage2(s3)
     s1 = model.memories[0](decoder.stage1(s2))
-    for got, want in zip(model.student_features(feats), [s1, s2, s3]):
+    for got, want in zip(model.student_features(feats), [s1, s2, s3], strict=True):
         assert torch.equal(got, want)
     assert model.normality_embedding_loss().item() == pytest.approx(sum(
         dmgrd.models.memkd.normality_embedding_loss(model.exemplar_features[i], model.memories[i]).item()
@@ -241,7 +241,7 @@ def test_rd4ad_is_unchanged_by_the_decoder_extension_point():
     s2 = decoder.stage2(s3)
     before = [decoder.stage1(s2), s2, s3]  # the decoder's forward before the extension point
     for got in (model.student_features(feats), decoder(code, [nn.Identity()] * 3)):
-        for g, want in zip(got, before):
+        for g, want in zip(got, before, strict=True):
             assert torch.equal(g, want)
     assert not any("memor" in name for name in model.state_dict())
 
@@ -255,9 +255,9 @@ def test_save_load_round_trip(fitted, tmp_path):
     loaded = dmgrd.load(path)
     assert isinstance(loaded, dmgrd.MemKD) and not loaded.training and loaded.config == model.config
     assert torch.equal(loaded.exemplar_memory.indices, model.exemplar_memory.indices)
-    for ours, theirs in zip(model.exemplar_features, loaded.exemplar_features):
+    for ours, theirs in zip(model.exemplar_features, loaded.exemplar_features, strict=True):
         assert torch.equal(ours, theirs) and ours.abs().sum() > 0
-    for ours, theirs in zip(model.memories, loaded.memories):
+    for ours, theirs in zip(model.memories, loaded.memories, strict=True):
         assert torch.equal(ours.memory, theirs.memory)
     batch = images(2, 11)
     first, second = model(batch), loaded(batch)

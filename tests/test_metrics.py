@@ -65,7 +65,7 @@ def flood_fill_regions(mask: np.ndarray) -> list[np.ndarray]:
     height, width = mask.shape
     seen = np.zeros_like(mask)
     regions = []
-    for start in zip(*np.nonzero(mask)):
+    for start in zip(*np.nonzero(mask), strict=True):
         if seen[start]:
             continue
         seen[start] = True
@@ -100,7 +100,7 @@ def reference_pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[list[float
 def reference_area(xs: list[float], ys: list[float], limit: float) -> float:
     """Trapezoid area for x in [0, limit], cutting the segment that crosses the limit by linear interpolation."""
     area = 0.0
-    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:], strict=True):
         if x0 >= limit:
             break
         if x1 > limit:
@@ -125,7 +125,7 @@ def reference_f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
 def reference_rd_pro(maps: np.ndarray, masks: np.ndarray, limit: float, num_thresholds: int) -> float:
     """RD4AD ``compute_pro`` as SPEC §2 variant 3 describes it, one image and one threshold at a time."""
     areas = []
-    for scores, mask in zip(maps, masks):
+    for scores, mask in zip(maps, masks, strict=True):
         regions = flood_fill_regions(mask)
         if not regions:
             continue

@@ -39,7 +39,7 @@ def test_shapes_through_every_module(backbone, weights, size):
     height, width = model.config.size
     images = torch.rand(1, 3, height, width)
     teacher = model.teacher(images)
-    expected = [(1, c, height // s, width // s) for c, s in zip(model.teacher.channels, (4, 8, 16))]
+    expected = [(1, c, height // s, width // s) for c, s in zip(model.teacher.channels, (4, 8, 16), strict=True)]
     assert [tuple(f.shape) for f in teacher] == expected
     if backbone == "wide_resnet50_2" and size == 256:
         assert [f.shape[1] for f in teacher] == [256, 512, 1024]
@@ -153,7 +153,7 @@ def test_save_load_round_trip(tmp_path):
     assert isinstance(loaded, dmgrd.DMGRD) and not loaded.training
     assert loaded.config == model.config
     for bank in ("normal_memory", "abnormal_memory"):
-        for ours, theirs in zip(getattr(model, bank).items, getattr(loaded, bank).items):
+        for ours, theirs in zip(getattr(model, bank).items, getattr(loaded, bank).items, strict=True):
             assert torch.equal(ours, theirs)
         assert torch.equal(getattr(model, bank).indices, getattr(loaded, bank).indices)
     images = torch.rand(2, 3, 64, 64)

@@ -136,7 +136,7 @@ def slow_greedy(points: list[list[float]], size: int, start: int) -> list[int]:
     while len(selected) < size:
         center = points[selected[-1]]
         for i, p in enumerate(points):
-            nearest[i] = min(nearest[i], sum((a - b) ** 2 for a, b in zip(p, center)))
+            nearest[i] = min(nearest[i], sum((a - b) ** 2 for a, b in zip(p, center, strict=True)))
         selected.append(max(range(len(points)), key=lambda i: (nearest[i], -i)))
     return selected
 

@@ -56,8 +56,8 @@ def _check_backend(backend, device, teacher, student, reduction):
     dtype = teacher[0].dtype
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and got.device.type == device
     assert abs(got.item() - expected.item()) <= LOSS_TOL[dtype], (got.item(), expected.item())
-    scales = [_gradient_scale(t, s, reduction) for t, s in zip(cpu_t, cpu_s)]
-    for g, e, scale in zip(grads, expected_grads, scales * 2):  # student gradients, then the teacher's
+    scales = [_gradient_scale(t, s, reduction) for t, s in zip(cpu_t, cpu_s, strict=True)]
+    for g, e, scale in zip(grads, expected_grads, scales * 2, strict=True):  # student gradients, then the teacher's
         assert g.shape == e.shape and g.dtype == e.dtype
         err = (g.cpu().double() - e.double()).abs().max().item()
         assert err <= GRAD_TOL[dtype] * max(e.abs().max().item(), scale), f"gradient error {err}"
@@ -70,10 +70,10 @@ def test_reference_first_principles(gen, reduction):
     opposite = ops.cosine_kd_loss_reference(teacher, [-t for t in teacher], reduction)
     assert abs(opposite.item() - 2 * len(teacher)) < 1e-12  # 1 - (-1) per level
     scale = [torch.rand(3, 1, *t.shape[2:], generator=gen, dtype=torch.float64) + 0.5 for t in teacher]
-    per_pixel = ops.cosine_kd_loss_reference(teacher, [t * s for t, s in zip(teacher, scale)], "pixel")
+    per_pixel = ops.cosine_kd_loss_reference(teacher, [t * s for t, s in zip(teacher, scale, strict=True)], "pixel")
     assert per_pixel.abs() < 1e-12  # a positive rescaling of each pixel keeps its cosine
     expected = 0.0
-    for t, s in zip(teacher, student):
+    for t, s in zip(teacher, student, strict=True):
         vec_t, vec_s = (t.flatten(1), s.flatten(1)) if reduction == "flatten" else (t, s)
         cos = (vec_t * vec_s).sum(1) / (vec_t.norm(dim=1) * vec_s.norm(dim=1))
         expected += (1 - cos).mean().item()
@@ -248,7 +248,7 @@ def test_fake_kernels_match_the_real_outputs(gen):
                 fake_loss, fake_t, fake_s, fake_coeffs, reduction, True
             )
         for real, fake in zip([loss, coeffs, *grads[0], *grads[1]], [fake_loss, fake_coeffs, *fake_grads[0],
-                                                                      *fake_grads[1]]):
+                                                                      *fake_grads[1]], strict=True):
             assert real.shape == fake.shape and real.dtype == fake.dtype and real.stride() == fake.stride()
 
 

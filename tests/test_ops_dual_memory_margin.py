@@ -149,7 +149,7 @@ def test_gradients_match_reference(gen, backend, device, dtype):
         expected = gradients("torch", query, normal_bank, abnormal_bank, margin, metric, weights, banks_too=True)
         got = gradients(backend, query.to(device), normal_bank.to(device), abnormal_bank.to(device), margin, metric,
                         weights, banks_too=True)
-        for g, e in zip(got, expected):
+        for g, e in zip(got, expected, strict=True):
             scale = e.abs().max()
             assert scale > 0 and ((g.cpu() - e).abs() <= tol * scale).all()
 

@@ -79,10 +79,10 @@ def check_fuse_against_reference(backend, features, logits, grads):
     with ops.use_backend(backend):
         got = ops.fuse_pyramid(features, logits)
     got_grads = torch.autograd.grad(got, features + logits, grads)
-    for level, (out, f) in enumerate(zip(got, features)):
+    for level, (out, f) in enumerate(zip(got, features, strict=True)):
         assert out.dtype == dtype and out.device == f.device
         assert_close(out, expected[level], dtype, f"output {level}")
-    for i, (g, e) in enumerate(zip(got_grads, expected_grads)):
+    for i, (g, e) in enumerate(zip(got_grads, expected_grads, strict=True)):
         assert_close(g, e, dtype, f"gradient of input {i}")
 
 
@@ -118,7 +118,7 @@ def test_reference_masks_from_first_principles(gen):
     features, _, _ = make_pyramid(gen, 2, PYRAMIDS["odd"])
     logits = [torch.zeros(2, 1, *f.shape[2:]) for f in features]
     out = ops.fuse_pyramid_reference(features, logits)
-    for f, o, scale in zip(features, out, (0.125, 0.25, 0.5)):
+    for f, o, scale in zip(features, out, (0.125, 0.25, 0.5), strict=True):
         assert torch.allclose(o, f * scale, rtol=1e-6, atol=1e-7)
 
 
@@ -140,7 +140,7 @@ def original_msff_forward(msff: MSFF, inputs):
     def up(x, like):
         return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=True)
 
-    f1, f2, f3 = (block(x) for block, x in zip(msff.blocks, inputs))
+    f1, f2, f3 = (block(x) for block, x in zip(msff.blocks, inputs, strict=True))
     f2 = f2 + msff.top_down32(up(f3, f2))
     f1 = f1 + msff.top_down21(up(f2, f1))
     m3 = sam(inputs[2])
@@ -155,7 +155,7 @@ def _msff_case(gen, sizes):
         for p in msff.parameters():
             p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
     inputs = [torch.randn(2, 2 * c, h, w, generator=gen, dtype=torch.float64).requires_grad_()
-              for c, (h, w) in zip((4, 6, 8), sizes)]
+              for c, (h, w) in zip((4, 6, 8), sizes, strict=True)]
     return msff, inputs
 
 
@@ -168,7 +168,7 @@ def _msff_run(msff, inputs, forward):
 
 
 def _assert_runs_match(run, other, rtol):
-    for a, b in zip(run[0] + list(run[1]), other[0] + list(other[1])):
+    for a, b in zip(run[0] + list(run[1]), other[0] + list(other[1]), strict=True):
         assert torch.allclose(a, b, rtol=rtol, atol=rtol * (1 + b.abs().max().item()))  # some grads are ~0 noise
 
 
@@ -180,7 +180,7 @@ def test_msff_unchanged(gen):
     original = _msff_run(msff, inputs, lambda x: original_msff_forward(msff, x))
     with ops.use_backend("torch"):
         reference = _msff_run(msff, inputs, msff)
-    assert all(torch.equal(a, b) for a, b in zip(original[0], reference[0]))
+    assert all(torch.equal(a, b) for a, b in zip(original[0], reference[0], strict=True))
     _assert_runs_match(original, reference, rtol=1e-12)
     _assert_runs_match(original, _msff_run(msff, inputs, msff), rtol=1e-10)
 
@@ -303,7 +303,7 @@ def test_mixed_dtypes_promote(gen):
     out = ops.fuse_pyramid(half, logits)
     assert all(o.dtype == torch.float32 for o in out)
     expected = ops.fuse_pyramid_reference([h.float() for h in half], logits)
-    assert all(torch.allclose(o, e, rtol=1e-5, atol=1e-6) for o, e in zip(out, expected))
+    assert all(torch.allclose(o, e, rtol=1e-5, atol=1e-6) for o, e in zip(out, expected, strict=True))
 
 
 def test_empty_batch_follows_the_reference():

@@ -60,7 +60,7 @@ def check_against_reference(backend, query, bank, temperature, grad):
     out, ref = got[0].cpu().double(), expected[0].double()
     assert got[0].dtype == query.dtype and got[0].shape == query.shape and got[0].device == query.device
     assert ((out - ref).abs() <= atol + atol * ref.abs()).all(), f"forward max error {(out - ref).abs().max()}"
-    for name, g, r in zip(("query", "bank"), got[1:], expected[1:]):
+    for name, g, r in zip(("query", "bank"), got[1:], expected[1:], strict=True):
         assert g.dtype == r.dtype and g.shape == r.shape
         assert_gradient_close(g, r, grad_tol, name)
 
@@ -237,5 +237,5 @@ def test_compiles_through_the_autograd_function(gen):
 
     grads = torch.autograd.grad(loss(query.requires_grad_(), bank.requires_grad_()), (query, bank))
     expected = torch.autograd.grad(ops.memory_readout_reference(query, bank, 0.1).square().sum(), (query, bank))
-    for name, got, ref in zip(("query", "bank"), grads, expected):
+    for name, got, ref in zip(("query", "bank"), grads, expected, strict=True):
         assert_gradient_close(got, ref, TOLERANCE[torch.float32][1], name)

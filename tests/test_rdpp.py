@@ -92,7 +92,8 @@ def test_simplex_patch_adds_scaled_noise_to_one_rectangle(gen):
         assert 10 <= height <= 31 and 10 <= width <= 31
         assert top >= 1 and left >= 1 and top + height <= 63 and left + width <= 79
         assert (diff[b, :, top:top + height, left:left + width] != 0).float().mean() > 0.99
-        for r, c, ch in zip(*(torch.randint(n, (20,), generator=gen).tolist() for n in (height, width, 3))):
+        draws = (torch.randint(n, (20,), generator=gen).tolist() for n in (height, width, 3))
+        for r, c, ch in zip(*draws, strict=True):
             expected = 0.2 * reference_noise(tables[b].tolist(), c / 32, r / 32, ch / 32)
             assert diff[b, ch, top + r, left + c].item() == pytest.approx(expected, abs=1e-12)
 
@@ -154,7 +155,7 @@ def test_shapes_through_every_module(size):
     height, width = model.config.size
     images = torch.rand(1, 3, height, width)
     teacher = model.teacher(images)
-    expected = [(1, c, height // s, width // s) for c, s in zip(model.teacher.channels, (4, 8, 16))]
+    expected = [(1, c, height // s, width // s) for c, s in zip(model.teacher.channels, (4, 8, 16), strict=True)]
     assert [tuple(f.shape) for f in model.projection(teacher)] == expected
     assert [tuple(s.shape) for s in model.student_features(teacher)] == expected
     prediction = model(images)

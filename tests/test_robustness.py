@@ -608,7 +608,7 @@ def test_divergence_never_overwrites_the_checkpoint(tmp_path, kind, message):
     assert extra["train_state"]["step"] == 2  # the last good one
     assert all(torch.isfinite(v).all() for v in loaded.state_dict().values() if v.is_floating_point())
     if kind == "nan-loss":  # stopped before the update: the parameters in memory are the checkpoint's too
-        for (name, ours), theirs in zip(model.named_parameters(), loaded.parameters()):
+        for (name, ours), theirs in zip(model.named_parameters(), loaded.parameters(), strict=True):
             assert torch.equal(ours, theirs), name
 
 

@@ -333,7 +333,7 @@ def test_synth_deterministic_and_global_rng_untouched(synthesizer):
     assert np.array_equal(np.random.get_state()[1], numpy_state[1])
     second = synthesizer.synth(images, seeded(7))
     other = synthesizer.synth(images, seeded(8))
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert not torch.equal(first[1], other[1])
 
 

@@ -59,7 +59,7 @@ def lite0_classifier() -> nn.Module:
 
 
 def assert_pyramid(features: list[torch.Tensor], batch: int, channels: tuple, height: int, width: int) -> None:
-    expected = [(batch, c, height // s, width // s) for c, s in zip(channels, (4, 8, 16))]
+    expected = [(batch, c, height // s, width // s) for c, s in zip(channels, (4, 8, 16), strict=True)]
     assert [tuple(f.shape) for f in features] == expected
 
 
@@ -164,7 +164,7 @@ def test_lite0_features_equal_the_imagenet_classifier_stages(lite0, lite0_classi
         x = block(x)
         if index in (1, 2, 4):
             expected.append(x)
-    for got, want in zip(lite0(images), expected):
+    for got, want in zip(lite0(images), expected, strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -184,7 +184,7 @@ def test_lite0_classifier_recognises_a_checkerboard(lite0_classifier):
 
 def test_lite0_imagenet_features_differ_from_random(lite0, images):
     random_teacher = Teacher("efficientnet_lite0", weights=None)
-    for trained, untrained in zip(lite0(images), random_teacher(images)):
+    for trained, untrained in zip(lite0(images), random_teacher(images), strict=True):
         assert not torch.allclose(trained, untrained, atol=1e-2)
 
 
@@ -232,7 +232,7 @@ def test_local_file_round_trip(tmp_path, images, nesting):
     features = Teacher("resnet18", weights=path)(images)
     with torch.no_grad():
         expected = resnet_stages(resnet, images)
-    for got, want in zip(features, expected):
+    for got, want in zip(features, expected, strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -340,7 +340,7 @@ def test_any_timm_model_from_a_local_file(tmp_path, images, backbone, channels):
         expected = full.forward_intermediates(
             (images - IMAGENET_MEAN) / IMAGENET_STD, indices=[0, 1, 2], intermediates_only=True
         )
-    for got, want in zip(features, expected):
+    for got, want in zip(features, expected, strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -399,7 +399,7 @@ def test_follows_float64(images):
     single = teacher(images)
     double = teacher.to(torch.float64)(images.double())
     assert all(f.dtype == torch.float64 for f in double)
-    for d, s in zip(double, single):
+    for d, s in zip(double, single, strict=True):
         torch.testing.assert_close(d.float(), s, rtol=1e-4, atol=1e-4)
 
 
@@ -408,5 +408,5 @@ def test_works_under_autocast(resnet18, images):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         features = resnet18(images)
     assert all(f.dtype == torch.bfloat16 for f in features)
-    for low, full in zip(features, reference):
+    for low, full in zip(features, reference, strict=True):
         torch.testing.assert_close(low.float(), full, rtol=0.1, atol=0.1)

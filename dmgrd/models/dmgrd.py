@@ -165,7 +165,7 @@ class DMGRD(ReverseDistillation):
         options = {"generator": generator} if self.config.memory == "patch" else {}
         for bank, source in ((self.normal_memory, images), (self.abnormal_memory, augmented)):
             chunks = [self.teacher(chunk) for chunk in source.split(batch_size)]
-            bank.fill([torch.cat(level) for level in zip(*chunks)], indices, **options)
+            bank.fill([torch.cat(level) for level in zip(*chunks, strict=True)], indices, **options)
 
     def _pick_augmented(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         if self.config.sample_order == "alternate":
@@ -183,7 +183,7 @@ class DMGRD(ReverseDistillation):
         feats = target = self.teacher(inputs)
         if cfg.kd_target == "clean" and chosen.any():
             clean = self.teacher(images[chosen.flatten()])
-            target = [f.index_put((chosen.flatten(),), c) for f, c in zip(feats, clean)]
+            target = [f.index_put((chosen.flatten(),), c) for f, c in zip(feats, clean, strict=True)]
         index_n, guided_n = self.normal_memory.select(feats)
         index_a, guided_a = self.abnormal_memory.select(feats)
         fused_n, fused_a = self.fusion(guided_n), self.fusion(guided_a)

@@ -101,7 +101,8 @@ def refined_score(mean_map: torch.Tensor, teacher_feats: list[torch.Tensor],
     ``A_l`` bilinearly resized (``align_corners=True``) to the map's size; ``mean_map`` is the blurred mean
     of the levels ``[B, 1, H, W]``.
     """
-    levels = [cosine_distance_reference(t, s)[:, None] for t, s in zip(teacher_feats, student_feats)]  # B 1 h w
+    pairs = zip(teacher_feats, student_feats, strict=True)
+    levels = [cosine_distance_reference(t, s)[:, None] for t, s in pairs]  # B 1 h w
     size = mean_map.shape[-2:]
     resized = [F.interpolate(a, size=size, mode="bilinear", align_corners=True) for a in levels]
     chosen = torch.stack([r.flatten(1).var(dim=1) for r in resized]).argmin(0)

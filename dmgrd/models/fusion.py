@@ -90,7 +90,7 @@ class MSFF(nn.Module):
         self.spatial_attention = SpatialAttention()
 
     def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        f1, f2, f3 = (block(x) for block, x in zip(self.blocks, inputs))
+        f1, f2, f3 = (block(x) for block, x in zip(self.blocks, inputs, strict=True))
         f2 = f2 + self.top_down32(_up(f3, f2))
         f1 = f1 + self.top_down21(_up(f2, f1))
         # m3 = sam(x3), m2 = sam(x2) * up(m3), m1 = sam(x1) * up(m2); outputs f_l * m_l.

@@ -31,4 +31,4 @@ class MultiProjection(nn.Module):
         self.levels = nn.ModuleList(ProjLayer(c) for c in channels)
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [project(f) for project, f in zip(self.levels, feats)]
+        return [project(f) for project, f in zip(self.levels, feats, strict=True)]

@@ -298,13 +298,13 @@ def load_state_in_order(model: nn.Module, state: Mapping[str, torch.Tensor], sou
     target = model.state_dict()
     if len(state) != len(target):
         raise ValueError(f"{source} holds {len(state)} tensors, {type(model).__name__} has {len(target)}")
-    for index, ((key, wanted), (source_key, tensor)) in enumerate(zip(target.items(), state.items())):
+    for index, ((key, wanted), (source_key, tensor)) in enumerate(zip(target.items(), state.items(), strict=True)):
         if tensor.shape != wanted.shape:
             raise ValueError(
                 f"{source}: tensor {index} ({source_key}) has shape {tuple(tensor.shape)}, "
                 f"but {type(model).__name__}.{key} has shape {tuple(wanted.shape)}"
             )
-    model.load_state_dict(dict(zip(target, state.values())))
+    model.load_state_dict(dict(zip(target, state.values(), strict=True)))
 
 
 def packaged_weights_file(packaged: PackagedWeights) -> Path:

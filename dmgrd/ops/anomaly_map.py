@@ -73,7 +73,7 @@ def anomaly_map_reference(
 ) -> torch.Tensor:
     """Pure-torch definition of :func:`anomaly_map` (no input checks; use the public function)."""
     combined = None
-    for t, s in zip(teacher_feats, student_feats):
+    for t, s in zip(teacher_feats, student_feats, strict=True):
         d = cosine_distance_reference(t, s).unsqueeze(1)
         d = F.interpolate(d, size=tuple(out_size), mode="bilinear", align_corners=True)
         if combined is None:
@@ -119,7 +119,7 @@ def check_feature_pairs(teacher_feats, student_feats) -> tuple[list[torch.Tensor
         raise ValueError(f"teacher_feats has {len(teacher)} levels but student_feats has {len(student)}")
     batch, device = teacher[0].shape[0] if teacher[0].dim() == 4 else None, teacher[0].device
     out_t, out_s = [], []
-    for level, (t, s) in enumerate(zip(teacher, student)):
+    for level, (t, s) in enumerate(zip(teacher, student, strict=True)):
         for name, x in (("teacher_feats", t), ("student_feats", s)):
             if x.dim() != 4:
                 raise ValueError(f"{name}[{level}] must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")

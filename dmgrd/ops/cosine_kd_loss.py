@@ -31,7 +31,7 @@ def cosine_kd_loss_reference(
 ) -> torch.Tensor:
     """Pure-torch definition of :func:`cosine_kd_loss` (differentiable, no input checks)."""
     total = 0.0
-    for t, s in zip(teacher_feats, student_feats):
+    for t, s in zip(teacher_feats, student_feats, strict=True):
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
         t, s = t.to(acc), s.to(acc)
         if reduction == "flatten":
@@ -157,7 +157,7 @@ def _register_fake() -> None:
     @torch.library.register_fake("dmgrd::cosine_kd_loss_backward")
     def _(grad, teacher, student, coeffs, reduction, teacher_grad):
         grads_s = [_empty_in_layout_of(s, s) for s in student]
-        grads_t = [_empty_in_layout_of(t, s) for t, s in zip(teacher, student)] if teacher_grad else []
+        grads_t = [_empty_in_layout_of(t, s) for t, s in zip(teacher, student, strict=True)] if teacher_grad else []
         return grads_s, grads_t
 
 

@@ -72,15 +72,16 @@ class _DualMemoryMargin(torch.autograd.Function):
         q = query.to(acc)
         active = (hinge > 0).to(acc) * grad_hinge.to(acc)  # relu passes the gradient where the hinge is > 0
         banks, indices = (normal_bank, abnormal_bank), (index_n, index_a)
-        items = [bank[index].to(acc) for bank, index in zip(banks, indices)]
+        items = [bank[index].to(acc) for bank, index in zip(banks, indices, strict=True)]
         coefs = [(grad_n.to(acc) + active)[:, None], (grad_a.to(acc) - active)[:, None]]
         grad_query = None
         if ctx.needs_input_grad[1]:
-            grad_query = sum(c * _distance_grad(q, m, ctx.metric) for c, m in zip(coefs, items)).to(query.dtype)
+            terms = (c * _distance_grad(q, m, ctx.metric) for c, m in zip(coefs, items, strict=True))
+            grad_query = sum(terms).to(query.dtype)
         grad_banks = [
             torch.zeros_like(bank, dtype=acc).index_add_(0, index, c * _distance_grad(m, q, ctx.metric)).to(bank.dtype)
             if ctx.needs_input_grad[2 + i] else None
-            for i, (bank, index, c, m) in enumerate(zip(banks, indices, coefs, items))
+            for i, (bank, index, c, m) in enumerate(zip(banks, indices, coefs, items, strict=True))
         ]
         return None, grad_query, *grad_banks, None, None
 

@@ -47,7 +47,7 @@ def attention_masks_reference(logits: Sequence[torch.Tensor]) -> list[torch.Tens
 
 def fuse_pyramid_reference(features: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Pure-torch definition of :func:`fuse_pyramid` (no input checks; use the public function)."""
-    return [f * m for f, m in zip(features, attention_masks_reference(logits))]
+    return [f * m for f, m in zip(features, attention_masks_reference(logits), strict=True)]
 
 
 class _ChannelPool(torch.autograd.Function):
@@ -154,7 +154,7 @@ def _check_pyramid(features, logits) -> tuple[list[torch.Tensor], list[torch.Ten
     if len(features) != len(logits):
         raise ValueError(f"features has {len(features)} levels but logits has {len(logits)}")
     batch, device = features[0].shape[0], features[0].device
-    for level, (f, a) in enumerate(zip(features, logits)):
+    for level, (f, a) in enumerate(zip(features, logits, strict=True)):
         if a.shape[1] != 1 or a.shape[0] != f.shape[0] or a.shape[2:] != f.shape[2:]:
             raise ValueError(f"level {level}: logits must be [B, 1, H, W] for features {tuple(f.shape)}, "
                              f"got {tuple(a.shape)}")
