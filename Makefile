@@ -6,11 +6,11 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.dmgrd-installed
 SOURCES := pyproject.toml setup.py $(shell find dmgrd kernels csrc -type f -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: demo test bench
+.PHONY: demo test bench lint
 
 $(INSTALLED): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install '.[test]'
+	$(BIN)/pip install '.[test,lint]'
 	touch $@
 
 demo: $(INSTALLED)
@@ -22,3 +22,10 @@ test: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/pytest benchmarks --benchmark-only
+
+# ruff (style, imports, likely bugs), mypy (types of dmgrd/), import-linter (layers import downwards, no cycles;
+# [tool.importlinter] in pyproject.toml), all on the source tree.
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	PYTHONPATH=. $(BIN)/lint-imports

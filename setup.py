@@ -1,7 +1,8 @@
 """Build of dmgrd's C++/CUDA extension ``dmgrd._C`` (metadata lives in pyproject.toml).
 
 - C++ CPU kernels (OpenMP) are always built.
-- CUDA kernels (``csrc/cuda/*.cu``, compiled as one translation unit) too when a toolkit is found (``$CUDA_HOME``, else ``/usr/local/cuda``) or ``DMGRD_FORCE_CUDA=1``;
+- CUDA kernels (``csrc/cuda/*.cu``, compiled as one translation unit) too when a toolkit is found (``$CUDA_HOME``,
+  else ``/usr/local/cuda``) or ``DMGRD_FORCE_CUDA=1``;
   ``DMGRD_NO_CUDA=1`` skips them (a faster build on machines without a GPU).
 - ``DMGRD_NO_EXT=1`` installs pure Python.
 - ``TORCH_CUDA_ARCH_LIST`` picks GPU architectures; without it and without a visible GPU: 8.0 and 9.0+PTX.

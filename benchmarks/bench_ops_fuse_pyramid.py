@@ -1,6 +1,6 @@
-"""MSFF's parameter-free attention per backend at the real shapes (256² images, batch 8): channel_pool of the
-three inputs MI_l (2 C_l channels) plus fuse_pyramid of the three fused features (C_l channels), forward and
-forward + backward, and each stage alone (forward)."""
+"""fuse_pyramid per backend at MSFF's real shapes (256² images, batch 8), alone, and MSFF's whole parameter-free
+attention: channel_pool of the three inputs MI_l (2 C_l channels) plus fuse_pyramid of the three fused features
+(C_l channels), forward and forward + backward. channel_pool alone: bench_ops_channel_pool.py."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _run(benchmark, backend, device, fn, bytes_moved, group):
+def timed_run(benchmark, backend, device, fn, bytes_moved, group):
     benchmark.group = group
     with ops.use_backend(backend):
         run = synchronized(fn, device)
@@ -52,7 +52,7 @@ def _run(benchmark, backend, device, fn, bytes_moved, group):
 def test_attention_forward(benchmark, backend, device, teacher):
     inputs, features, logits = make_inputs(teacher, device, requires_grad=False)
     # Read each input and feature once, write each output once.
-    _run(benchmark, backend, device, lambda: attention(inputs, features, logits),
+    timed_run(benchmark, backend, device, lambda: attention(inputs, features, logits),
          nbytes(inputs) + 2 * nbytes(features), f"msff attention forward {device} {teacher}")
 
 
@@ -68,21 +68,13 @@ def test_attention_forward_backward(benchmark, backend, device, teacher):
 
     # Forward, then the backward: read the inputs again and write their gradients; read the features and
     # the outputs' gradients, write the features' gradients.
-    _run(benchmark, backend, device, step, 3 * nbytes(inputs) + 5 * nbytes(features),
+    timed_run(benchmark, backend, device, step, 3 * nbytes(inputs) + 5 * nbytes(features),
          f"msff attention forward+backward {device} {teacher}")
-
-
-@pytest.mark.parametrize("teacher", list(TEACHERS))
-@pytest.mark.parametrize("backend,device", backend_device_cases("fuse_pyramid"))
-def test_channel_pool(benchmark, backend, device, teacher):
-    inputs, _, _ = make_inputs(teacher, device, requires_grad=False)
-    _run(benchmark, backend, device, lambda: [ops.channel_pool(x) for x in inputs], nbytes(inputs),
-         f"channel_pool {device} {teacher}")
 
 
 @pytest.mark.parametrize("teacher", list(TEACHERS))
 @pytest.mark.parametrize("backend,device", backend_device_cases("fuse_pyramid"))
 def test_fuse_pyramid(benchmark, backend, device, teacher):
     _, features, logits = make_inputs(teacher, device, requires_grad=False)
-    _run(benchmark, backend, device, lambda: ops.fuse_pyramid(features, logits), 2 * nbytes(features),
+    timed_run(benchmark, backend, device, lambda: ops.fuse_pyramid(features, logits), 2 * nbytes(features),
          f"fuse_pyramid {device} {teacher}")

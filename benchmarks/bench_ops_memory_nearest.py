@@ -1,4 +1,4 @@
-"""memory_nearest and dual_memory_margin per backend, at the two shapes the library uses.
+"""memory_nearest per backend, at the two shapes the library uses (dual_memory_margin: bench_ops_dual_memory_margin.py).
 
 - patch level: every pixel of one 64x64 feature map (N = 4096 queries, D = 256) against M = 16384 memory patches
   (dual: two banks of 8192), k = 1, float32;
@@ -66,14 +66,3 @@ def test_cdist_topk(benchmark, device, shape):
     benchmark.group = f"memory_nearest {shape} {device}"
     timed(benchmark, lambda: torch.cdist(query, bank).topk(1, dim=1, largest=False), device, 5)
     record(benchmark, shape, query, [bank])
-
-
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("backend,device", backend_device_cases("dual_memory_margin"))
-def test_dual_memory_margin(benchmark, backend, device, shape):
-    query, (normal, abnormal) = inputs(shape, device, banks=2)
-    benchmark.group = f"dual_memory_margin {shape} {device}"
-    with ops.use_backend(backend):
-        timed(benchmark, lambda: ops.dual_memory_margin(query, normal, abnormal, 1.0, "l2"), device,
-              rounds_for(backend, shape))
-    record(benchmark, shape, query, [normal, abnormal])

@@ -196,6 +196,19 @@ inline at::Tensor finish_bank_grad(const at::Tensor& partial, const at::Tensor& 
   return (partial - bank_acc * (score_grad_sum * norms.grad_weight).unsqueeze(1)).to(dtype);
 }
 
+// ---- the fast kernels' output layout ----
+
+// The layout of the outputs for input x: channels_last if x is channels_last-contiguous only, else contiguous.
+inline at::MemoryFormat dense_format(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous;
+}
+
+// An empty tensor like x in dense_format(x) (dense_like in dmgrd/layout.py).
+inline at::Tensor dense_like(const at::Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(dense_format(x)));
+}
+
 // ---- memory_nearest / dual_memory_margin: distances, ranking and argument checks ----
 
 enum class Metric : int { L2 = 0, Cosine = 1 };

@@ -4,11 +4,8 @@
 :class:`Prediction`; ``dmgrd.evaluate(model, test_data)``; ``model.save(path)`` / ``dmgrd.load(path)``.
 """
 
-from dmgrd._source_tree import alias_source_kernels
-
-alias_source_kernels()
-
-from dmgrd import data, metrics, ops  # noqa: E402  (after the kernels alias)
+from dmgrd import _source_tree, data, metrics, ops  # noqa: F401  (_source_tree: dmgrd.kernels in a checkout)
+from dmgrd._version import __version__
 from dmgrd.engine import calibrate_thresholds, evaluate, fit
 from dmgrd.models import (
     DMGRD,
@@ -24,8 +21,6 @@ from dmgrd.models import (
     RDPPConfig,
     load,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DMGRD",

@@ -1,4 +1,5 @@
-"""Loading of the compiled extension ``dmgrd._C``, with one clear warning and a fallback when it is unusable.
+"""Loading of the compiled extension ``dmgrd._C``, with one clear warning and a fallback when it is unusable,
+and how Triton runs here (compiled, or in its CPU interpreter).
 
 The build writes ``_build_info.json`` beside the extension (torch version, CUDA kernels or not). The
 extension is loaded only when that torch version equals the running one: a library compiled against
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,11 @@ _STATUS = _initial_status()
 def status() -> ExtensionStatus:
     """The extension's load status (decided once, at import)."""
     return _STATUS
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def loaded() -> bool:

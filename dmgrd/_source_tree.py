@@ -22,7 +22,12 @@ def alias_source_kernels() -> None:
     if not init.is_file():
         return
     spec = importlib.util.spec_from_file_location("dmgrd.kernels", init, submodule_search_locations=[str(KERNELS)])
+    if spec is None or spec.loader is None:
+        return
     module = importlib.util.module_from_spec(spec)
     sys.modules["dmgrd.kernels"] = module
     spec.loader.exec_module(module)
-    sys.modules["dmgrd"].kernels = module
+    setattr(sys.modules["dmgrd"], "kernels", module)  # noqa: B010 (the package is still being initialised)
+
+
+alias_source_kernels()

@@ -16,12 +16,16 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-import dmgrd
-import dmgrd.visualize
-from dmgrd import ops
-from dmgrd.models.base import METHODS
+from dmgrd import engine, models, ops, visualize
+from dmgrd._version import __version__
+from dmgrd.data import BTAD, Folder, MVTecAD, Synthetic, VisA, read_image
+from dmgrd.data.io import list_images
+from dmgrd.export import export_onnx
+from dmgrd.metrics import compute_metrics
+from dmgrd.models import METHODS
+from dmgrd.models.checkpoint import read_payload
 
-DATASETS = {"mvtec": "MVTecAD", "visa": "VisA", "btad": "BTAD", "folder": "Folder", "synthetic": "Synthetic"}
+DATASETS = {"mvtec": MVTecAD, "visa": VisA, "btad": BTAD, "folder": Folder, "synthetic": Synthetic}
 CHECKPOINT_NAME = "model.pt"
 
 
@@ -29,7 +33,7 @@ CHECKPOINT_NAME = "model.pt"
 
 def make_dataset(args, split: str, image_size):
     """The data set named by ``--dataset`` for ``split`` ("train" or "test")."""
-    cls = getattr(dmgrd.data, DATASETS[args.dataset])
+    cls = DATASETS[args.dataset]
     if args.dataset == "folder":
         if not args.normal_dir:
             raise SystemExit("dmgrd: --dataset folder needs --normal-dir (and --abnormal-dir/--mask-dir to test)")
@@ -41,17 +45,6 @@ def make_dataset(args, split: str, image_size):
     if not args.data_root or not args.category:
         raise SystemExit(f"dmgrd: --dataset {args.dataset} needs --data-root and --category")
     return cls(args.data_root, args.category, split, image_size=image_size)
-
-
-def split_validation(data, fraction: float, seed: int):
-    """(train, validation) subsets: a seeded random ``fraction`` of the normal training images is held out."""
-    count = int(round(fraction * len(data)))
-    if count == 0:
-        return data, None
-    if count >= len(data):
-        raise SystemExit(f"dmgrd: --val-fraction {fraction} leaves no training images")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
-    return torch.utils.data.Subset(data, order[count:]), torch.utils.data.Subset(data, order[:count])
 
 
 # -- commands -----------------------------------------------------------------------------------------------
@@ -76,7 +69,7 @@ def train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT_NAME
     data = make_dataset(args, "train", args.image_size)
-    train_data, validation = split_validation(data, args.val_fraction, args.seed)
+    train_data, validation = engine.split_validation(data, args.val_fraction, args.seed)
     cls = METHODS[args.method]
     options = {"textures": args.textures} if args.method == "dmgrd" and args.textures else {}
     torch.manual_seed(args.seed)
@@ -89,9 +82,9 @@ def train(args) -> int:
     if rank > 0:
         return 0
     if validation is not None:
-        dmgrd.engine.calibrate_thresholds(model, validation, args.threshold_quantile, args.batch_size,
+        engine.calibrate_thresholds(model, validation, args.threshold_quantile, args.batch_size,
                                           args.num_workers)
-    model.save(checkpoint, train_state=dmgrd.models.base.read_payload(checkpoint)["train_state"])
+    model.save(checkpoint, train_state=read_payload(checkpoint)["train_state"])
     config = {"method": args.method, "dataset": args.dataset, "category": args.category,
               "train_images": len(train_data), "validation_images": 0 if validation is None else len(validation),
               "steps": args.steps, "batch_size": args.batch_size, "model": model.config.to_dict(),
@@ -104,28 +97,28 @@ def train(args) -> int:
 
 def test(args) -> int:
     """Evaluate a checkpoint on a test split: metrics.json, scores.csv, result panels and roc.png."""
-    model, _ = dmgrd.models.base.read_checkpoint(args.checkpoint, map_location=args.device)
+    model = models.load(args.checkpoint, map_location=args.device)
     data = make_dataset(args, "test", model.config.image_size)
     out = Path(args.out)
-    results = dmgrd.engine.predict(model, data, args.batch_size, args.num_workers)
-    metrics = dmgrd.metrics.compute_metrics(results.scores, results.labels, results.maps, results.masks)
+    results = engine.predict(model, data, args.batch_size, args.num_workers)
+    metrics = compute_metrics(results.scores, results.labels, results.maps, results.masks)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _write_rows(out / "scores.csv", [{"path": p, "label": int(y), "score": float(s)}
                                      for p, y, s in zip(results.paths, results.labels, results.scores, strict=True)])
-    dmgrd.visualize.save_roc_plot(results.labels.numpy(), results.scores.numpy(), out / "roc.png", title=model.method)
+    visualize.save_roc_plot(results.labels.numpy(), results.scores.numpy(), out / "roc.png", title=model.method)
     if args.overlays:
         vmin, vmax = _map_range(results.maps)
         for i, path in enumerate(tqdm(results.paths, desc="writing panels", dynamic_ncols=True)):
-            panel = dmgrd.visualize.result_panel(data[i]["image"], results.maps[i], vmin, vmax, results.masks[i])
-            dmgrd.visualize.save_png(panel, out / "overlays" / f"{i:04d}_{Path(path).stem}.png")
+            panel = visualize.result_panel(data[i]["image"], results.maps[i], vmin, vmax, results.masks[i])
+            visualize.save_png(panel, out / "overlays" / f"{i:04d}_{Path(path).stem}.png")
     print(json.dumps(metrics, indent=1))
     return 0
 
 
 def predict(args) -> int:
     """Score images (files or folders): scores.csv, overlays and, with --masks, binary masks."""
-    model = dmgrd.load(args.checkpoint, map_location=args.device)
+    model = models.load(args.checkpoint, map_location=args.device)
     files = _image_files(args.inputs)
     stored = model.thresholds or {}
     threshold = args.threshold if args.threshold is not None else stored.get("pixel")
@@ -136,7 +129,7 @@ def predict(args) -> int:
     rows = []
     for start in range(0, len(files), args.batch_size):
         chunk = files[start:start + args.batch_size]
-        images = torch.stack([dmgrd.data.read_image(f, model.config.size) for f in chunk])
+        images = torch.stack([read_image(f, model.config.size) for f in chunk])
         prediction = model(images.to(model.device))
         vmin, vmax = (0.0, 2 * threshold) if threshold else _map_range(prediction.anomaly_map)
         outputs = zip(chunk, images, prediction.anomaly_map.cpu(), prediction.score.cpu(), strict=True)
@@ -145,10 +138,10 @@ def predict(args) -> int:
             if image_threshold is not None:
                 row["anomalous"] = int(score > image_threshold)
             rows.append(row)
-            dmgrd.visualize.save_png(dmgrd.visualize.overlay(image, amap, vmin, vmax), out / f"{file.stem}_overlay.png")
+            visualize.save_png(visualize.overlay(image, amap, vmin, vmax), out / f"{file.stem}_overlay.png")
             if args.masks:
                 mask = ((amap[0] > threshold).numpy() * 255).astype("uint8")
-                dmgrd.visualize.save_png(mask, out / f"{file.stem}_mask.png")
+                visualize.save_png(mask, out / f"{file.stem}_mask.png")
             print(f"{file}\t{float(score):.5f}" + (f"\t{'ANOMALOUS' if row['anomalous'] else 'ok'}"
                                                     if "anomalous" in row else ""))
     _write_rows(out / "scores.csv", rows)
@@ -157,9 +150,7 @@ def predict(args) -> int:
 
 def export(args) -> int:
     """Write the model as ONNX (pure-torch op paths), checking it against torch when onnxruntime is installed."""
-    from dmgrd.export import export_onnx
-
-    model, _ = dmgrd.models.base.read_checkpoint(args.checkpoint)
+    model = models.load(args.checkpoint)
     error = export_onnx(model, args.out, opset=args.opset)
     print(f"wrote {args.out}" + (f"; max |onnxruntime - torch| map error {error:.2e}" if error is not None else
                                   " (onnxruntime not installed: not checked)"))
@@ -168,7 +159,7 @@ def export(args) -> int:
 
 def info(args=None) -> int:
     """Print versions, devices, and per op and backend whether it runs here or why not."""
-    print(f"dmgrd {dmgrd.__version__}  python {platform.python_version()}  torch {torch.__version__}  "
+    print(f"dmgrd {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
           f"triton {_version('triton')}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -213,7 +204,7 @@ def _image_files(inputs: Sequence[str]) -> list[Path]:
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = dmgrd.data.io.list_images(item)
+            found = list_images(item)
             if not found:
                 raise SystemExit(f"dmgrd: no images in folder {item}")
             files += found

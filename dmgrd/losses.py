@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dmgrd import ops
+from dmgrd.numerics import level_sum
 from dmgrd.ops.cosine_kd_loss import REDUCTIONS as KD_REDUCTIONS
 
 COS_CHAN_MODES = ("channel", "flatten")
@@ -38,8 +39,8 @@ def cos_chan(teacher: list[torch.Tensor], student: list[torch.Tensor], mode: str
         raise ValueError(f"cos_chan mode must be one of {COS_CHAN_MODES}, got {mode!r}")
     if mode == "flatten":
         return kd_loss(teacher, student, "flatten")
-    return sum((1 - F.cosine_similarity(t.float().flatten(2), s.float().flatten(2), dim=2)).mean()
-               for t, s in zip(teacher, student, strict=True))
+    return level_sum((1 - F.cosine_similarity(t.float().flatten(2), s.float().flatten(2), dim=2)).mean()
+                     for t, s in zip(teacher, student, strict=True))
 
 
 def seg_l1(anomaly_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -51,10 +52,8 @@ def seg_l1(anomaly_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def contrast_loss(abnormal: list[torch.Tensor], normal: list[torch.Tensor], margin: float = 0.5) -> torch.Tensor:
     """Σ_l mean_b max(0, cos(vec a_l[b], vec n_l[b]) - margin): CosineEmbeddingLoss with target -1."""
-    total = 0.0
-    for a, n in zip(abnormal, normal, strict=True):
-        total = total + F.relu(F.cosine_similarity(a.float().flatten(1), n.float().flatten(1), dim=1) - margin).mean()
-    return total
+    return level_sum(F.relu(F.cosine_similarity(a.float().flatten(1), n.float().flatten(1), dim=1) - margin).mean()
+                     for a, n in zip(abnormal, normal, strict=True))
 
 
 def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, blur: float = 0.05, scaling: float = 0.5,
@@ -77,7 +76,7 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, blur: float = 0.05, sc
 
 
 def _epsilon_schedule(diameter: float, blur: float, scaling: float) -> list[float]:
-    steps = max(int(math.ceil(math.log(diameter / blur) / -math.log(scaling))), 0)
+    steps = max(math.ceil(math.log(diameter / blur) / -math.log(scaling)), 0)
     return [diameter**2] + [(diameter * scaling**i) ** 2 for i in range(1, steps)] + [blur**2] * 2
 
 
@@ -120,21 +119,19 @@ def ssot_loss(feats: list[torch.Tensor], mode: str, generator: torch.Generator |
     batch, device = feats[0].shape[0], feats[0].device
     if mode == "off" or batch < 2:
         return torch.zeros((), device=device)
-    total = 0.0
     if mode == "legacy":
         perm = torch.randperm(batch, generator=generator).to(device)
-        for z in feats:
-            cloud = torch.softmax(z.float().flatten(1), dim=1).unsqueeze(0)  # 1 x B x CHW
-            total = total + sinkhorn_divergence(cloud, cloud[:, perm], blur=blur).sum()
-        return total
+        clouds = [torch.softmax(z.float().flatten(1), dim=1).unsqueeze(0) for z in feats]  # 1 x B x CHW each
+        return level_sum(sinkhorn_divergence(cloud, cloud[:, perm], blur=blur).sum() for cloud in clouds)
     shift = int(torch.randint(1, batch, (1,), generator=generator))
+    terms = []
     for z in feats:
         points = F.normalize(z.float().flatten(2).transpose(1, 2), dim=2)  # B x HW x C
         if points.shape[1] > num_points:
             keep = torch.randperm(points.shape[1], generator=generator)[:num_points].to(device)
             points = points[:, keep]
-        total = total + sinkhorn_divergence(points, points.roll(shift, dims=0), blur=blur, diameter=2.0).mean()
-    return total
+        terms.append(sinkhorn_divergence(points, points.roll(shift, dims=0), blur=blur, diameter=2.0).mean())
+    return level_sum(terms)
 
 
 def triplet_loss(anchor: list[torch.Tensor], positive: list[torch.Tensor], negative: list[torch.Tensor],
@@ -145,11 +142,11 @@ def triplet_loss(anchor: list[torch.Tensor], positive: list[torch.Tensor], negat
     passes memory items only, with positive and negative the same tensor, so the value is the constant
     ``num_levels * margin`` and has no gradient (SPEC §4.5).
     """
-    total = 0.0
-    for a, p, n in zip(anchor, positive, negative, strict=True):
-        pooled = [F.normalize(x.float().mean((2, 3)), dim=1) for x in (a, p, n)]
-        total = total + F.triplet_margin_loss(*pooled, margin=margin)
-    return total
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float().mean((2, 3)), dim=1)
+
+    return level_sum(F.triplet_margin_loss(pooled(a), pooled(p), pooled(n), margin=margin)
+                     for a, p, n in zip(anchor, positive, negative, strict=True))
 
 
 def memory_margin_loss(student: list[torch.Tensor], normal: list[torch.Tensor], abnormal: list[torch.Tensor],
@@ -160,8 +157,6 @@ def memory_margin_loss(student: list[torch.Tensor], normal: list[torch.Tensor], 
     ``d`` is the squared L2 distance of unit vectors, ``2 (1 - cos)`` (:func:`dmgrd.ops.dual_memory_margin`).
     DM-GRD's ``triplet="memory"`` passes the student output of every training input.
     """
-    total = 0.0
-    for s, n, a in zip(student, normal, abnormal, strict=True):
-        query = F.normalize(s.to(n.dtype).mean((2, 3)), dim=1)
-        total = total + ops.dual_memory_margin(query, n, a, margin, "l2")[4].mean()
-    return total
+    queries = [F.normalize(s.to(n.dtype).mean((2, 3)), dim=1) for s, n in zip(student, normal, strict=True)]
+    return level_sum(ops.dual_memory_margin(q, n, a, margin, "l2")[4].mean()
+                     for q, n, a in zip(queries, normal, abnormal, strict=True))

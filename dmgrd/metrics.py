@@ -93,7 +93,7 @@ def pro_per_image_rd(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3, 
     anomalous = np.flatnonzero(masks.any(axis=(1, 2)))
     if anomalous.size == 0:
         raise ValueError("masks contain no anomalous pixel; PRO is undefined")
-    return float(np.mean([_rd_image_pro(maps[i], masks[i], fpr_limit, num_thresholds, i) for i in anomalous]))
+    return float(np.mean([_rd_image_pro(maps[i], masks[i], fpr_limit, num_thresholds, i) for i in anomalous.tolist()]))
 
 
 def compute_metrics(scores: ArrayLike, labels: ArrayLike, maps: ArrayLike, masks: ArrayLike,

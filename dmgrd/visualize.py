@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+import matplotlib.pyplot as plt
 
 
 def to_uint8_image(image: torch.Tensor) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dmgrd.ops.anomaly_map import COSINE_EPS, gaussian_weights
+from dmgrd.numerics import COSINE_EPS, gaussian_weights
 
 _REDUCE_CODES = {"sum": 0, "mean": 1, "mul": 2}
 _MEAN = tl.constexpr(_REDUCE_CODES["mean"])
@@ -84,7 +84,7 @@ def _upsample_combine_kernel(
     mask = pix < HWo
     oy = pix // Wo
     ox = pix % Wo
-    if REDUCE == _MUL:
+    if REDUCE == _MUL:  # noqa: SIM108 (a branch on a constexpr: Triton compiles one side)
         acc = tl.full([BLOCK], 1.0, tl.float32)
     else:
         acc = tl.zeros([BLOCK], tl.float32)

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dmgrd.ops.anomaly_map import COSINE_EPS
-from dmgrd.ops.cosine_kd_loss import kernel_layout, num_rows
+from dmgrd.layout import cosine_rows, dense_format
+from dmgrd.numerics import COSINE_EPS
 
 _CHUNK = 8192  # flatten: elements of an image's vector per program (fewer for shorter vectors)
 _BLOCK = 1024  # flatten: elements per loop step
@@ -162,7 +162,7 @@ class _Level:
     """One level in its kernel layout, with the launch geometry of the pixel kernels."""
 
     def __init__(self, t: torch.Tensor, s: torch.Tensor):
-        self.format = kernel_layout(s)
+        self.format = dense_format(s)
         self.t = t.contiguous(memory_format=self.format)
         self.s = s.contiguous(memory_format=self.format)
         self.batch, self.channels, height, width = t.shape
@@ -206,7 +206,7 @@ def cosine_kd_loss_forward_triton(
     pixel = reduction == "pixel"
     levels = [_Level(t, s) for t, s in zip(teacher, student, strict=True)]
     device = teacher[0].device
-    coeffs = torch.empty((num_rows(teacher, reduction), 3), dtype=torch.float32, device=device)
+    coeffs = torch.empty((cosine_rows(teacher, reduction), 3), dtype=torch.float32, device=device)
     # One term per flatten row, one partial sum per pixel-tile program.
     term_sizes = [lv.batch * (lv.pieces(pixel) if pixel else 1) for lv in levels]
     terms = torch.empty(sum(term_sizes), dtype=torch.float32, device=device)

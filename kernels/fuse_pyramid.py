@@ -1,8 +1,8 @@
-"""Triton channel_pool and fuse_pyramid, forward and backward.
+"""Triton fuse_pyramid, forward and backward.
 
-Semantics are those of the torch references in :mod:`dmgrd.ops.fuse_pyramid`. The passes over
-``[B, C, H, W]`` tensors run one program per block of pixels of one image, looping over the channels in
-``[BLOCK_C, BLOCK_P]`` tiles (any strides); the per-pixel mask maps are float32 ``[B, H*W]``.
+Semantics are those of the torch reference in :mod:`dmgrd.ops.fuse_pyramid`. The passes over ``[B, C, H, W]``
+tensors run one program per block of pixels of one image over channel tiles (:mod:`dmgrd.kernels.pixel_tiles`);
+the per-pixel mask maps are float32 ``[B, H*W]``.
 """
 
 from __future__ import annotations
@@ -10,66 +10,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dmgrd.kernels.pixel_tiles import BLOCK_C, BLOCK_P, pixel_grid, tile
 
-from dmgrd.ops.fuse_pyramid import dense_like
+from dmgrd.layout import dense_like
 
-_BLOCK_C = 16  # channels per tile
-_BLOCK_P = 64  # pixels per program of the channel loops
 _BLOCK = 256  # pixels per program of the per-pixel mask kernels
-
-
-@triton.jit
-def _tile(chan, pix, C, P, W, sc, sh, sw):
-    """Element offsets (without the image's) and mask of the tile ``chan`` x ``pix``."""
-    offsets = chan[:, None] * sc + ((pix // W) * sh + (pix % W) * sw)[None, :]
-    return offsets, (chan < C)[:, None] & (pix < P)[None, :]
-
-
-@triton.jit
-def _channel_pool_kernel(x_ptr, pooled_ptr, ties_ptr, C, P, W, sb, sc, sh, sw,
-                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    count = tl.zeros([BLOCK_P], tl.float32)
-    total = tl.zeros([BLOCK_P], tl.float32)
-    has_nan = tl.zeros([BLOCK_P], tl.int1)
-    for c0 in range(0, C, BLOCK_C):
-        offsets, mask = _tile(c0 + tl.arange(0, BLOCK_C), pix, C, P, W, sc, sh, sw)
-        x = tl.load(x_ptr + b * sb + offsets, mask=mask, other=float("-inf")).to(tl.float32)
-        tile_max = tl.max(x, 0)
-        tile_count = tl.sum((mask & (x == tile_max[None, :])).to(tl.float32), 0)
-        count = tl.where(tile_max > best, tile_count, tl.where(tile_max == best, count + tile_count, count))
-        best = tl.maximum(best, tile_max)
-        total += tl.sum(tl.where(mask, x, 0.0), 0)
-        has_nan = has_nan | (tl.max((x != x).to(tl.int32), 0) > 0)  # noqa: PLR0124 (NaN test)
-    best = tl.where(has_nan, float("nan"), best)
-    in_image = pix < P
-    out = pooled_ptr + b * 2 * P + pix
-    tl.store(out, best.to(pooled_ptr.dtype.element_ty), mask=in_image)
-    tl.store(out + P, (total / C).to(pooled_ptr.dtype.element_ty), mask=in_image)
-    tl.store(ties_ptr + b * P + pix, count.to(tl.int32), mask=in_image)
-
-
-@triton.jit
-def _channel_pool_backward_kernel(grad_ptr, x_ptr, pooled_ptr, ties_ptr, gx_ptr, C, P, W,
-                                  x_sb, x_sc, x_sh, x_sw, gx_sb, gx_sc, gx_sh, gx_sw,
-                                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_image = pix < P
-    pixel = b * 2 * P + pix  # grad and pooled are contiguous [B, 2, H, W]
-    best = tl.load(pooled_ptr + pixel, mask=in_image).to(tl.float32)
-    ties = tl.load(ties_ptr + b * P + pix, mask=in_image, other=1).to(tl.float32)
-    share = tl.load(grad_ptr + pixel, mask=in_image).to(tl.float32) / ties
-    mean_share = tl.load(grad_ptr + pixel + P, mask=in_image).to(tl.float32) / C
-    for c0 in range(0, C, BLOCK_C):
-        chan = c0 + tl.arange(0, BLOCK_C)
-        x_offsets, mask = _tile(chan, pix, C, P, W, x_sc, x_sh, x_sw)
-        gx_offsets, _ = _tile(chan, pix, C, P, W, gx_sc, gx_sh, gx_sw)
-        x = tl.load(x_ptr + b * x_sb + x_offsets, mask=mask).to(tl.float32)
-        gx = (x == best[None, :]).to(tl.float32) * share[None, :] + mean_share[None, :]
-        tl.store(gx_ptr + b * gx_sb + gx_offsets, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -125,8 +70,8 @@ def _gate_kernel(f_ptr, m_ptr, out_ptr, C, P, W, f_sb, f_sc, f_sh, f_sw, o_sb, o
     m = tl.load(m_ptr + b * P + pix, mask=pix < P)
     for c0 in range(0, C, BLOCK_C):
         chan = c0 + tl.arange(0, BLOCK_C)
-        f_offsets, mask = _tile(chan, pix, C, P, W, f_sc, f_sh, f_sw)
-        o_offsets, _ = _tile(chan, pix, C, P, W, o_sc, o_sh, o_sw)
+        f_offsets, mask = tile(chan, pix, C, P, W, f_sc, f_sh, f_sw)
+        o_offsets, _ = tile(chan, pix, C, P, W, o_sc, o_sh, o_sw)
         f = tl.load(f_ptr + b * f_sb + f_offsets, mask=mask).to(tl.float32)
         tl.store(out_ptr + b * o_sb + o_offsets, (f * m[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -141,9 +86,9 @@ def _gate_backward_kernel(g_ptr, f_ptr, m_ptr, gf_ptr, gm_ptr, C, P, W,
     dot = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         chan = c0 + tl.arange(0, BLOCK_C)
-        g_offsets, mask = _tile(chan, pix, C, P, W, g_sc, g_sh, g_sw)
-        f_offsets, _ = _tile(chan, pix, C, P, W, f_sc, f_sh, f_sw)
-        gf_offsets, _ = _tile(chan, pix, C, P, W, gf_sc, gf_sh, gf_sw)
+        g_offsets, mask = tile(chan, pix, C, P, W, g_sc, g_sh, g_sw)
+        f_offsets, _ = tile(chan, pix, C, P, W, f_sc, f_sh, f_sw)
+        gf_offsets, _ = tile(chan, pix, C, P, W, gf_sc, gf_sh, gf_sw)
         g = tl.load(g_ptr + b * g_sb + g_offsets, mask=mask, other=0.0).to(tl.float32)
         f = tl.load(f_ptr + b * f_sb + f_offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(gf_ptr + b * gf_sb + gf_offsets, (g * m[None, :]).to(gf_ptr.dtype.element_ty), mask=mask)
@@ -168,10 +113,6 @@ def _mask_backward_kernel(a_ptr, gm_ptr, coarse_ptr, coarse_grad_ptr, ga_ptr, P,
     tl.store(ga_ptr + b * P + pix, (grad_s * (1.0 - s) * s).to(ga_ptr.dtype.element_ty), mask=mask)
 
 
-def _pixel_grid(x: torch.Tensor, block: int) -> tuple[int, int]:
-    return triton.cdiv(x.shape[2] * x.shape[3], block), x.shape[0]
-
-
 def _coarse_args(logits: list[torch.Tensor], level: int) -> tuple[int, int, float, float, int]:
     """(Hc, Wc, scale_h, scale_w, step) of the upsample from level + 1 to level (dummies for the coarsest)."""
     if level + 1 == len(logits):
@@ -190,30 +131,10 @@ def _attention_masks(logits: list[torch.Tensor]) -> list[torch.Tensor]:
         masks[level] = torch.empty((batch, height * width), dtype=torch.float32, device=a.device)
         has_coarse = level + 1 < len(logits)
         coarse = masks[level + 1] if has_coarse else masks[level]
-        _mask_kernel[_pixel_grid(a, _BLOCK)](
+        _mask_kernel[pixel_grid(a, _BLOCK)](
             a, coarse, masks[level], height * width, width, a.stride(0), a.stride(2), a.stride(3),
             *_coarse_args(logits, level), HAS_COARSE=has_coarse, BLOCK=_BLOCK)
     return masks
-
-
-def channel_pool_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([B, 2, H, W] channel max and mean, int32 [B, H, W] number of channels at the max)``."""
-    batch, channels, height, width = x.shape
-    pooled = x.new_empty((batch, 2, height, width))
-    ties = x.new_empty((batch, height, width), dtype=torch.int32)
-    _channel_pool_kernel[_pixel_grid(x, _BLOCK_P)](x, pooled, ties, channels, height * width, width, *x.stride(),
-                                                   BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)
-    return pooled, ties
-
-
-def channel_pool_backward_triton(grad: torch.Tensor, x: torch.Tensor, pooled: torch.Tensor,
-                                 ties: torch.Tensor) -> torch.Tensor:
-    """Gradient of :func:`channel_pool_triton` with respect to ``x``."""
-    grad_x = dense_like(x)
-    _channel_pool_backward_kernel[_pixel_grid(x, _BLOCK_P)](
-        grad.contiguous(), x, pooled, ties, grad_x, x.shape[1], x.shape[2] * x.shape[3], x.shape[3],
-        *x.stride(), *grad_x.stride(), BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)
-    return grad_x
 
 
 def fuse_pyramid_triton(features: list[torch.Tensor], logits: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -221,8 +142,8 @@ def fuse_pyramid_triton(features: list[torch.Tensor], logits: list[torch.Tensor]
     outputs = []
     for f, m in zip(features, _attention_masks(logits), strict=True):
         out = dense_like(f)
-        _gate_kernel[_pixel_grid(f, _BLOCK_P)](f, m, out, f.shape[1], f.shape[2] * f.shape[3], f.shape[3],
-                                               *f.stride(), *out.stride(), BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)
+        _gate_kernel[pixel_grid(f, BLOCK_P)](f, m, out, f.shape[1], f.shape[2] * f.shape[3], f.shape[3],
+                                               *f.stride(), *out.stride(), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
         outputs.append(out)
     return outputs
 
@@ -234,9 +155,9 @@ def fuse_pyramid_backward_triton(grads: list[torch.Tensor], features: list[torch
     grad_features, grad_masks = [], []
     for g, f, m in zip(grads, features, masks, strict=True):
         grad_f, grad_m = dense_like(f), torch.empty_like(m)
-        _gate_backward_kernel[_pixel_grid(f, _BLOCK_P)](
+        _gate_backward_kernel[pixel_grid(f, BLOCK_P)](
             g, f, m, grad_f, grad_m, f.shape[1], f.shape[2] * f.shape[3], f.shape[3],
-            *g.stride(), *f.stride(), *grad_f.stride(), BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)
+            *g.stride(), *f.stride(), *grad_f.stride(), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
         grad_features.append(grad_f)
         grad_masks.append(grad_m)
     # Fine to coarse: each level adds its share of the gradient of up(coarser mask) to the coarser level's.
@@ -245,7 +166,7 @@ def fuse_pyramid_backward_triton(grads: list[torch.Tensor], features: list[torch
         has_coarse = level + 1 < len(logits)
         coarse = level + 1 if has_coarse else level
         grad_a = torch.empty_like(a, memory_format=torch.contiguous_format)
-        _mask_backward_kernel[_pixel_grid(a, _BLOCK)](
+        _mask_backward_kernel[pixel_grid(a, _BLOCK)](
             a, grad_masks[level], masks[coarse], grad_masks[coarse], grad_a, a.shape[2] * a.shape[3], a.shape[3],
             a.stride(0), a.stride(2), a.stride(3), *_coarse_args(logits, level), HAS_COARSE=has_coarse,
             BLOCK=_BLOCK)

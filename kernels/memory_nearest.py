@@ -23,11 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from dmgrd.ops._dispatch import triton_interpreted
-from dmgrd.ops.memory_nearest import COSINE_EPS
+from dmgrd._extension import triton_interpreted
+from dmgrd.numerics import NORM_EPS
 
 METRIC_CODES = {"l2": 0, "cosine": 1}
-EPS: tl.constexpr = tl.constexpr(COSINE_EPS)
+EPS: tl.constexpr = tl.constexpr(NORM_EPS)
 KEY_MAX: tl.constexpr = tl.constexpr(2**63 - 1)  # empty top-k slots hold KEY_MAX - slot
 MAX_ITEMS = 2**31 - 1  # an item index is an int32 in the low half of a key
 
@@ -97,7 +97,7 @@ def _pack(d, index):
     """int64 keys ordered as (distance, index) with NaN after every number (and -0.0 equal to +0.0)."""
     bits = tl.where(d == 0.0, 0.0, d).to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = tl.where(d != d, 0x7FFFFFFF, key)  # noqa: PLR0124 (NaN test)
+    key = tl.where(d != d, 0x7FFFFFFF, key)
     return (key.to(tl.int64) << 32) | index.to(tl.int64)
 
 
@@ -193,7 +193,7 @@ def _partial_dots_kernel(q_ptr, s_qn, s_qd, N, D, b1_ptr, s1m, s1d, M1, b2_ptr, 
 
 
 def _terms(squares: torch.Tensor, metric: str) -> torch.Tensor:
-    return squares if metric == "l2" else 1.0 / squares.sqrt().clamp_min(COSINE_EPS)
+    return squares if metric == "l2" else 1.0 / squares.sqrt().clamp_min(NORM_EPS)
 
 
 def _decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dmgrd.ops._dispatch import triton_interpreted
-from dmgrd.ops.memory_readout import NORM_EPS, Kernels
+from dmgrd._extension import triton_interpreted
+from dmgrd.numerics import NORM_EPS
 
 _TARGET_PROGRAMS = 1024  # bank-gradient programs aimed at when choosing the number of query splits
 
@@ -241,5 +241,3 @@ def memory_readout_backward(grad_out: torch.Tensor, query: torch.Tensor, bank: t
     grad_bank = partial.sum(0) - bank.float() * (score_grad.sum(0) * grad_weight)[:, None]
     return grad_query, grad_bank.to(bank.dtype)
 
-
-TRITON_KERNELS = Kernels(memory_readout_forward, memory_readout_backward)

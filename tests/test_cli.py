@@ -34,7 +34,7 @@ def test_train_writes_checkpoint_config_log_and_thresholds(trained):
     assert config["thresholds"]["pixel"] > 0
     rows = list(csv.DictReader((trained / "train_log.csv").open()))
     assert len(rows) == 40 and float(rows[-1]["loss"]) < float(rows[0]["loss"])
-    model, extra = dmgrd.models.base.read_checkpoint(trained / "model.pt")
+    model, extra = dmgrd.models.read_checkpoint(trained / "model.pt")
     assert extra["train_state"]["step"] == 40 and model.thresholds == config["thresholds"]
 
 
@@ -100,11 +100,11 @@ def test_interrupted_train_resumes_to_the_same_checkpoint(trained, tmp_path, mon
     monkeypatch.setattr(dmgrd.RD4AD, "training_losses", crash_after_25_steps)
     with pytest.raises(KeyboardInterrupt):
         main(args)
-    assert dmgrd.models.base.read_payload(out / "model.pt")["train_state"]["step"] == 20
+    assert dmgrd.models.checkpoint.read_payload(out / "model.pt")["train_state"]["step"] == 20
     monkeypatch.setattr(dmgrd.RD4AD, "training_losses", original)
     assert main([*args, "--resume"]) == 0
-    expected = dmgrd.models.base.read_payload(trained / "model.pt")
-    resumed = dmgrd.models.base.read_payload(out / "model.pt")
+    expected = dmgrd.models.checkpoint.read_payload(trained / "model.pt")
+    resumed = dmgrd.models.checkpoint.read_payload(out / "model.pt")
     assert expected["state_dict"].keys() == resumed["state_dict"].keys()
     for name, value in expected["state_dict"].items():  # weights, memory and the thresholds
         assert torch.equal(value, resumed["state_dict"][name]), name

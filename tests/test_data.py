@@ -24,7 +24,7 @@ def test_bottle_splits_and_items():
     assert labels.count(0) == 20 and labels.count(1) == 63
     item = test[0]  # broken_large sorts first
     assert item["image"].shape == (3, 96, 96) and item["image"].dtype == torch.float32
-    assert 0 <= item["image"].min() and item["image"].max() <= 1
+    assert item["image"].min() >= 0 and item["image"].max() <= 1
     assert item["mask"].shape == (1, 96, 96) and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
     assert item["label"] == 1 and item["mask"].sum() > 0 and Path(item["path"]).is_file()
     good = train[0]
@@ -49,7 +49,7 @@ def test_missing_mask_is_named(tmp_path):
     for folder in ("good", "crack"):
         (tmp_path / "toy" / "test" / folder).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "toy" / "test" / folder / "000.png")
-    with pytest.raises(FileNotFoundError, match="000_mask.png"):
+    with pytest.raises(FileNotFoundError, match=r"000_mask.png"):
         MVTecAD(tmp_path, "toy", "test")
 
 
@@ -64,9 +64,9 @@ def test_read_image_formats(tmp_path):
     y = read_image(tmp_path / "rgba.png", size=4)
     assert y.shape == (3, 4, 4) and torch.allclose(y[0], torch.ones(4, 4))
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="broken.png"):
+    with pytest.raises(ValueError, match=r"broken.png"):
         read_image(tmp_path / "broken.png")
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(FileNotFoundError, match=r"missing.png"):
         read_image(tmp_path / "missing.png")
 
 

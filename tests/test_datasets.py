@@ -39,7 +39,7 @@ def _expected_mask(array: np.ndarray) -> torch.Tensor:
 def _check_item(item: dict, size: tuple[int, int], label: int, path: Path) -> None:
     image, mask = item["image"], item["mask"]
     assert image.shape == (3, *size) and image.dtype == torch.float32
-    assert 0 <= image.min() and image.max() <= 1
+    assert image.min() >= 0 and image.max() <= 1
     assert mask.shape == (1, *size) and mask.dtype == torch.float32
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     assert item["label"] == label and item["path"] == str(path)
@@ -352,7 +352,7 @@ def test_synthetic_items_and_balanced_labels(category):
     for index in range(len(test)):
         item = test[index]
         assert item["image"].shape == (3, 48, 40) and item["image"].dtype == torch.float32
-        assert 0 <= item["image"].min() and item["image"].max() <= 1
+        assert item["image"].min() >= 0 and item["image"].max() <= 1
         assert item["mask"].shape == (1, 48, 40) and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
         assert (item["mask"].sum() > 0) == bool(item["label"])
         labels.append(item["label"])

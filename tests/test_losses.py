@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmgrd.engine import warmup_cosine
 from dmgrd.losses import contrast_loss, sinkhorn_divergence, ssot_loss, triplet_loss
+from dmgrd.models.training import warmup_cosine
 
 
 def test_sinkhorn_divergence_properties(gen):

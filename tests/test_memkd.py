@@ -14,8 +14,10 @@ from torch import nn
 
 import dmgrd
 from dmgrd.cli import main
+from dmgrd.layout import pixel_rows
 from dmgrd.losses import kd_loss
-from dmgrd.models.nr_memory import NRMemory, greedy_kcenter, spherical_kmeans, to_pixels
+from dmgrd.models.nr_memory import NRMemory, spherical_kmeans
+from dmgrd.ops.coreset_update import greedy_coreset, nearest_to_mean
 
 LITE0 = "efficientnet_lite0"
 SIZE = 64
@@ -124,21 +126,26 @@ def test_memory_initialisation_from_features():
     expected = [feats[20 * i:20 * i + 20].mean(0) for i in range(3)]
     torch.testing.assert_close(torch.tensor(centres), torch.stack(expected))
     memory.init_from(feats.reshape(3, 20, 5, 1).permute(0, 2, 1, 3), "kcenter")  # [K, C, H, W] maps
-    picked = greedy_kcenter(F.normalize(feats, dim=1), 3)
+    picked = central_kcenter(F.normalize(feats, dim=1), 3)
     assert torch.equal(memory.memory.detach(), feats[picked])
 
 
 # -- exemplar selection --------------------------------------------------------------------------------
-def test_greedy_kcenter_is_the_greedy_algorithm_and_a_two_approximation():
+def central_kcenter(points: torch.Tensor, k: int) -> torch.Tensor:
+    """MemKD's greedy k-center: dmgrd.ops.greedy_coreset from the point nearest the mean."""
+    return greedy_coreset(points, k, start=nearest_to_mean(points))
+
+
+def test_central_kcenter_is_the_greedy_algorithm_and_a_two_approximation():
     gen = torch.Generator().manual_seed(4)
     points = torch.randn(8, 3, generator=gen, dtype=torch.float64)
     for k in (1, 3, 5):
-        chosen = greedy_kcenter(points, k).tolist()
+        chosen = central_kcenter(points, k).tolist()
         assert chosen == naive_kcenter(points.tolist(), k)
         optimum = min(kcenter_radius(points, list(s)) for s in itertools.combinations(range(8), k))
         assert kcenter_radius(points, chosen) <= 2 * optimum + 1e-12
-    with pytest.raises(ValueError, match="k must be"):
-        greedy_kcenter(points, 9)
+    with pytest.raises(ValueError, match="size must be"):
+        central_kcenter(points, 9)
 
 
 def test_exemplars_are_the_greedy_kcenter_of_pooled_teacher_features(fitted):
@@ -159,11 +166,11 @@ def test_prepare_initialises_the_memories_from_the_exemplars(init):
     expected = torch.randperm(4, generator=torch.Generator().manual_seed(5))[:3]
     assert model.exemplar_memory.indices.tolist() == expected.tolist()
     for memory, feats, old in zip(model.memories, model.exemplar_features, before, strict=True):
-        rows = to_pixels(feats)
+        rows = pixel_rows(feats)
         if init == "kmeans":
             assert torch.equal(memory.memory.detach(), spherical_kmeans(rows, 8))
         elif init == "kcenter":
-            assert torch.equal(memory.memory.detach(), rows[greedy_kcenter(F.normalize(rows, dim=1), 8)])
+            assert torch.equal(memory.memory.detach(), rows[central_kcenter(F.normalize(rows, dim=1), 8)])
         else:
             assert torch.equal(memory.memory.detach(), old)
 
@@ -174,9 +181,9 @@ def test_normality_embedding_loss_matches_a_manual_computation(fitted):
     model.eval()
     manual = 0.0
     for memory, feats in zip(model.memories, model.exemplar_features, strict=True):
-        rows = to_pixels(feats)
+        rows = pixel_rows(feats)
         distance = 1 - F.cosine_similarity(rows[:, None, :], memory.memory.detach()[None], dim=2)
-        recalled = to_pixels(memory(feats).detach())
+        recalled = pixel_rows(memory(feats).detach())
         manual += distance.amin(1).mean() + (1 - F.cosine_similarity(recalled, rows, dim=1)).mean()
     ne = model.normality_embedding_loss()
     assert ne.item() == pytest.approx(manual.item(), rel=1e-5) and ne.item() > 0
@@ -293,6 +300,6 @@ def test_cli_trains_memkd_on_synthetic_data(tmp_path, monkeypatch):
     assert main(["train", "--dataset", "synthetic", "--category", "texture", "--device", "cpu", "--batch-size", "4",
                  "--method", "memkd", "--backbone", LITE0, "--weights", "none", "--image-size", str(SIZE),
                  "--steps", "2", "--out", str(tmp_path)]) == 0
-    model, extra = dmgrd.models.base.read_checkpoint(tmp_path / "model.pt")
+    model, extra = dmgrd.models.read_checkpoint(tmp_path / "model.pt")
     assert isinstance(model, dmgrd.MemKD) and extra["train_state"]["step"] == 2
     assert model.exemplar_memory.filled and len(set(model.exemplar_memory.indices.tolist())) == 10

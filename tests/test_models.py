@@ -185,7 +185,7 @@ def test_load_errors(tmp_path):
     model.save(path)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ValueError, match="cannot read checkpoint .*truncated.pt"):
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*truncated.pt"):
         dmgrd.load(truncated)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)

@@ -221,7 +221,7 @@ def test_pool_matches_reference(gen, backend, device, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_pool_dtypes_and_layouts(gen, backend, device, dtype, layout):
-    _skip_unless_runs(fuse_module.CHANNEL_POOL_OP, backend, device, dtype)
+    _skip_unless_runs(importlib.import_module("dmgrd.ops.channel_pool").OP, backend, device, dtype)
     x = _layout(torch.randn(2, 19, 6, 7, generator=gen).to(dtype), layout).to(device).requires_grad_()
     check_pool_against_reference(backend, x, torch.randn(2, 2, 6, 7, generator=gen).to(dtype).to(device))
 

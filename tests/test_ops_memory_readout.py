@@ -104,7 +104,7 @@ def test_reference_matches_explicit_attention(gen):
 
 
 @pytest.mark.parametrize("backend,device", backend_cases("memory_readout"))
-@pytest.mark.parametrize("n,m,d,temperature", CASES + [pytest.param(*LARGE, id="large")])
+@pytest.mark.parametrize("n,m,d,temperature", [*CASES, pytest.param(*LARGE, id="large")])
 def test_backend_matches_reference(gen, backend, device, n, m, d, temperature):
     if (n, m, d, temperature) == LARGE and backend == "triton" and triton_interpreted():
         pytest.skip("too large for the Triton interpreter")

@@ -243,7 +243,7 @@ def test_cli_trains_rdpp_and_the_loss_goes_down(tmp_path):
     assert len(rows) == 8 and {"kd", "ssot", "recon", "contrast", "projection"} <= set(rows[0])
     losses = [float(r["loss"]) for r in rows]
     assert sum(losses[-2:]) < sum(losses[:2])
-    model, extra = dmgrd.models.base.read_checkpoint(out / "model.pt")
+    model, extra = dmgrd.models.read_checkpoint(out / "model.pt")
     assert isinstance(model, dmgrd.RDPP) and extra["train_state"]["step"] == 8
 
 

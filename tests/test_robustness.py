@@ -20,8 +20,8 @@ import dmgrd
 from dmgrd.data import Folder, MVTecAD, read_image, read_mask
 from dmgrd.data.io import read_pair
 from dmgrd.models import BACKBONES, WeightsUnavailableError
-from dmgrd.models import teacher as teacher_module
-from dmgrd.models.base import CHECKPOINT_VERSION
+from dmgrd.models import weights as weights_module
+from dmgrd.models.checkpoint import CHECKPOINT_VERSION
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KOLEKTOR = DATA / "kolektorsdd"
@@ -516,7 +516,7 @@ def test_checkpoint_with_pickled_code_is_never_run(tmp_path, rd4ad_checkpoint, c
     with pytest.raises(ValueError, match=f"cannot read checkpoint {re.escape(str(path))}: .*never unpickles"):
         dmgrd.load(path)
     with pytest.raises(ValueError, match="never unpickles"):
-        dmgrd.models.base.read_payload(path)
+        dmgrd.models.checkpoint.read_payload(path)
     assert not marker.exists()
     if container == "torch-zip":  # the file really carries code: an unsafe load runs it
         torch.load(path, weights_only=False)
@@ -530,7 +530,7 @@ STALLING_SAVE = """
 import os, sys, time
 from pathlib import Path
 import torch
-from dmgrd.models.base import atomic_save
+from dmgrd.models.checkpoint import atomic_save
 
 class Stalling:
     def __init__(self, file):
@@ -604,9 +604,10 @@ def test_divergence_never_overwrites_the_checkpoint(tmp_path, kind, message):
     path = tmp_path / "model.pt"
     with pytest.raises(FloatingPointError, match=re.escape(message)):
         model.fit(_train_data(), steps=5, batch_size=2, progress=False, checkpoint=path, checkpoint_every=1)
-    loaded, extra = dmgrd.models.base.read_checkpoint(path)
+    loaded, extra = dmgrd.models.read_checkpoint(path)
     assert extra["train_state"]["step"] == 2  # the last good one
-    assert all(torch.isfinite(v).all() for v in loaded.state_dict().values() if v.is_floating_point())
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    assert all(torch.isfinite(b).all() for name, b in loaded.named_buffers() if "threshold" not in name)
     if kind == "nan-loss":  # stopped before the update: the parameters in memory are the checkpoint's too
         for (name, ours), theirs in zip(model.named_parameters(), loaded.parameters(), strict=True):
             assert torch.equal(ours, theirs), name
@@ -620,7 +621,7 @@ def test_unknown_backbone_lists_the_known_ones():
 
 def test_offline_imagenet_weights_name_the_file_and_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(teacher_module, "_reachable", lambda url: False)
+    monkeypatch.setattr(weights_module, "_reachable", lambda url: False)
     with pytest.raises(WeightsUnavailableError) as info:
         dmgrd.RD4AD("resnet18", weights="imagenet", image_size=SIZE)
     message = str(info.value)

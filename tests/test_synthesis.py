@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+import dmgrd
 from dmgrd import synthesis as S
+from dmgrd.data.textures import load_textures
 
 DTD = Path("/work/shared/data/dtd/images")
 needs_dtd = pytest.mark.skipif(not DTD.is_dir(), reason=f"DTD images not found at {DTD}")
@@ -240,15 +242,15 @@ def test_procedural_textures_timing():
 
 @needs_dtd
 def test_load_textures_dtd():
-    textures = S.load_textures(DTD, 32, limit=5)
+    textures = load_textures(DTD, 32, limit=5)
     assert textures.shape == (5, 3, 32, 32)
     assert textures.dtype == torch.float32
     assert textures.min() >= 0 and textures.max() <= 1
     assert textures.std(dim=(1, 2, 3)).min() > 0.01
-    picked = S.load_textures(DTD, (16, 24), limit=5, generator=seeded(1))
+    picked = load_textures(DTD, (16, 24), limit=5, generator=seeded(1))
     assert picked.shape == (5, 3, 16, 24)
-    assert torch.equal(picked, S.load_textures(DTD, (16, 24), limit=5, generator=seeded(1)))
-    assert not torch.equal(picked, S.load_textures(DTD, (16, 24), limit=5, generator=seeded(2)))
+    assert torch.equal(picked, load_textures(DTD, (16, 24), limit=5, generator=seeded(1)))
+    assert not torch.equal(picked, load_textures(DTD, (16, 24), limit=5, generator=seeded(2)))
 
 
 def write_solid(path: Path, colour: tuple[int, int, int], size=(20, 10)) -> None:
@@ -261,26 +263,26 @@ def test_load_textures_recursive_sorted_and_resized(tmp_path):
     write_solid(tmp_path / "a" / "y.bmp", (255, 0, 0))
     write_solid(tmp_path / "c.PNG", (0, 0, 255))
     (tmp_path / "notes.txt").write_text("not an image")
-    textures = S.load_textures(tmp_path, (8, 12))
+    textures = load_textures(tmp_path, (8, 12))
     assert textures.shape == (3, 3, 8, 12)
     colours = textures.mean(dim=(2, 3))
     torch.testing.assert_close(colours, torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1]]))
-    torch.testing.assert_close(S.load_textures(tmp_path, 4, limit=2).mean(dim=(2, 3)), colours[:2])
+    torch.testing.assert_close(load_textures(tmp_path, 4, limit=2).mean(dim=(2, 3)), colours[:2])
 
 
 def test_load_textures_missing_or_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        S.load_textures(tmp_path / "nowhere", 32)
+        load_textures(tmp_path / "nowhere", 32)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty"):
-        S.load_textures(tmp_path / "empty", 32)
+    with pytest.raises(FileNotFoundError, match=r"no images in texture folder .*empty"):
+        load_textures(tmp_path / "empty", 32)
 
 
 def test_load_textures_corrupt_image(tmp_path):
     write_solid(tmp_path / "good.png", (10, 20, 30))
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg" * 10)
-    with pytest.raises(ValueError, match="broken.jpg"):
-        S.load_textures(tmp_path, 32)
+    with pytest.raises(ValueError, match=r"broken.jpg"):
+        load_textures(tmp_path, 32)
 
 
 # --- AnomalySynthesizer -------------------------------------------------------------------------------
@@ -363,13 +365,20 @@ def test_functions_deterministic_and_global_rng_untouched(make):
     assert not torch.equal(first, make(seeded(12)))
 
 
-def test_from_source_procedural_and_folder(tmp_path):
-    procedural = S.AnomalySynthesizer.from_source(None, 16, seeded(0), count=3, blend="dmgrd_legacy")
-    assert procedural.textures.shape == (3, 3, 16, 16) and procedural.blend == "dmgrd_legacy"
-    for i in range(4):
-        write_solid(tmp_path / f"{i}.png", (60 * i, 0, 0))
-    folder = S.AnomalySynthesizer.from_source(tmp_path, 8, seeded(0), count=2)
-    assert folder.textures.shape == (2, 3, 8, 8)
+def test_dmgrd_textures_come_from_a_folder_or_are_procedural(tmp_path):
+    procedural = dmgrd.DMGRD("efficientnet_lite0", weights=None, image_size=32, memory_size=3, texture_count=3)
+    textures = procedural._textures(seeded(0))
+    assert textures.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(textures, S.procedural_textures(3, 32, seeded(0)), rtol=0, atol=0)
+    colours = [(60 * i, 0, 0) for i in range(4)]
+    for i, colour in enumerate(colours):
+        write_solid(tmp_path / f"{i}.png", colour)
+    folder = dmgrd.DMGRD("efficientnet_lite0", weights=None, image_size=32, memory_size=3, texture_count=2,
+                         textures=str(tmp_path))
+    textures = folder._textures(seeded(0))
+    assert textures.shape == (2, 3, 32, 32)
+    reds = sorted(round(float(r) * 255) for r in textures[:, 0].mean(dim=(1, 2)))
+    assert set(reds) <= {c[0] for c in colours} and len(set(reds)) == 2
 
 
 def test_synthesizer_rejects_bad_arguments():

@@ -11,8 +11,8 @@ import torchvision
 from torch import nn
 
 from dmgrd.models import BACKBONES, Teacher, WeightsUnavailableError
-from dmgrd.models import teacher as teacher_module
-from dmgrd.models.teacher import PackagedWeights, load_packaged_weights, load_state_in_order, packaged_weights_file
+from dmgrd.models import weights as weights_module
+from dmgrd.models.weights import PackagedWeights, load_packaged_weights, load_state_in_order, packaged_weights_file
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -259,20 +259,20 @@ def test_file_for_another_architecture_raises(tmp_path):
 
 
 def test_missing_file_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.pth"):
         Teacher("resnet18", weights=tmp_path / "nowhere.pth")
 
 
 def test_corrupt_file_raises(tmp_path):
     path = tmp_path / "corrupt.pth"
     path.write_bytes(b"this is not a checkpoint" * 10)
-    with pytest.raises(ValueError, match="corrupt.pth"):
+    with pytest.raises(ValueError, match=r"corrupt.pth"):
         Teacher("resnet18", weights=path)
 
 
 def test_file_without_a_state_dict_raises(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(ValueError, match="list.pth do not hold a state dict"):
+    with pytest.raises(ValueError, match=r"list.pth do not hold a state dict"):
         Teacher("resnet18", weights=tmp_path / "list.pth")
 
 
@@ -287,7 +287,7 @@ def empty_hub(tmp_path, monkeypatch):
 
 
 def test_imagenet_offline_raises_with_instructions(empty_hub, monkeypatch):
-    monkeypatch.setattr(teacher_module, "_reachable", lambda url: False)
+    monkeypatch.setattr(weights_module, "_reachable", lambda url: False)
     with pytest.raises(WeightsUnavailableError) as info:
         Teacher("wide_resnet50_2", weights="imagenet")
     message = str(info.value)
@@ -302,7 +302,7 @@ def test_failed_download_raises_and_leaves_no_file(empty_hub, monkeypatch):
     def refuse(url, dst, **kwargs):
         raise urllib.error.URLError("no route to host")
 
-    monkeypatch.setattr(teacher_module, "_reachable", lambda url: True)
+    monkeypatch.setattr(weights_module, "_reachable", lambda url: True)
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     with pytest.raises(WeightsUnavailableError, match="no route to host"):
         Teacher("resnet18", weights="imagenet")
@@ -355,7 +355,7 @@ def empty_hf_cache(tmp_path, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(teacher_module, "_reachable", lambda url: False)
+    monkeypatch.setattr(weights_module, "_reachable", lambda url: False)
     return tmp_path
 
 

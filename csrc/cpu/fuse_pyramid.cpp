@@ -1,7 +1,6 @@
-// CPU kernels of dmgrd::channel_pool and dmgrd::fuse_pyramid, forward and backward. The passes over the big
-// [B, C, H, W] tensors walk each image in blocks of pixels in memory order (channel-major for contiguous
-// tensors, pixel-major for channels_last), so each is read or written once; the small per-pixel maps
-// (masks, mask gradients) are float32 (float64 for float64 inputs), [B, H*W] contiguous.
+// CPU kernels of dmgrd::fuse_pyramid, forward and backward. The passes over the big [B, C, H, W] tensors walk
+// each image in blocks of pixels (pixel_blocks.h); the small per-pixel maps (masks, mask gradients) are float32
+// (float64 for float64 inputs), [B, H*W] contiguous.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,165 +12,16 @@
 #include <vector>
 
 #include "../fuse_pyramid.h"
-#include "huge_pages.h"
+#include "pixel_blocks.h"
 
-// The per-block loops come in an AVX2 and a baseline version, picked at load time (ifunc).
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define DMGRD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define DMGRD_CPU_CLONES
-#endif
 
 namespace dmgrd {
 namespace {
 
-constexpr int64_t kMinPixelBlock = 256;
-constexpr int64_t kMaxPixelBlock = 4096;     // long contiguous rows stream best
-constexpr int64_t kMinTaskElements = 32768;  // smaller inputs run on the calling thread
-
-// at::parallel_for grain for iterations of `elements` elements each.
-int64_t grain(int64_t elements) { return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(elements, 1)); }
-
-// A [B, C, H, W] tensor made dense in its dense_format (the outputs follow it), and the sizes the loops need.
-struct Dense {
-  at::Tensor t;
-  int64_t batch, channels, pixels;
-  bool channels_last;
-
-  Dense(const at::Tensor& x, at::MemoryFormat format)
-      : t(x.contiguous(format)), batch(x.size(0)), channels(x.size(1)), pixels(x.size(2) * x.size(3)),
-        channels_last(format == at::MemoryFormat::ChannelsLast) {}
-  explicit Dense(const at::Tensor& x) : Dense(x, dense_format(x)) {}
-
-  int64_t image() const { return channels * pixels; }
-  // Offset of pixel p's first channel in one image, and between its channels.
-  int64_t pixel_offset(int64_t p) const { return channels_last ? p * channels : p; }
-  int64_t channel_stride() const { return channels_last ? 1 : pixels; }
-  at::MemoryFormat format() const {
-    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  }
-  at::Tensor empty() const { return with_huge_pages(dense_like(t)); }
-};
-
-// body(i, offset) for every channel and every pixel p0 + i of [p0, p1) of one image, offset being the element's
-// offset in the image, in memory order.
-template <typename Body>
-inline void for_each_element(const Dense& d, int64_t p0, int64_t p1, const Body& body) {
-  if (d.channels_last) {
-    for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t c = 0; c < d.channels; ++c) body(p - p0, p * d.channels + c);
-    }
-  } else {
-    for (int64_t c = 0; c < d.channels; ++c) {
-      for (int64_t p = p0; p < p1; ++p) body(p - p0, c * d.pixels + p);
-    }
-  }
-}
-
-// Pixels per task: up to kMaxPixelBlock, fewer when whole images would leave threads idle.
-int64_t pixel_block(const Dense& d) {
-  const int64_t blocks_per_image = (2 * at::get_num_threads() + d.batch - 1) / d.batch;
-  return std::clamp((d.pixels + blocks_per_image - 1) / blocks_per_image, kMinPixelBlock, kMaxPixelBlock);
-}
-
-// block(b, p0, p1) for image b and pixels [p0, p1), in parallel over images and pixel blocks.
-template <typename Block>
-void parallel_blocks(const Dense& d, const Block& block) {
-  const int64_t pixels = d.pixels, size = pixel_block(d);
-  const int64_t blocks = (pixels + size - 1) / size;
-  at::parallel_for(0, d.batch * blocks, grain(std::min(pixels, size) * d.channels), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, p0 = (task % blocks) * size;
-      block(b, p0, std::min(p0 + size, pixels));
-    }
-  });
-}
-
-// Channel max, its tie count and channel mean of pixels [p0, p1) of image b, into pooled [B, 2, H*W] and
-// ties [B, H*W].
-template <typename scalar_t>
-DMGRD_CPU_CLONES void channel_pool_block(const Dense& x, int64_t b, int64_t p0, int64_t p1, scalar_t* pooled,
-                                         int32_t* ties) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = p1 - p0, pixels = x.pixels;
-  std::vector<acc_t> max(n, -std::numeric_limits<acc_t>::infinity()), sum(n, acc_t(0));
-  std::vector<int32_t> count(n, 0);
-  acc_t* mx = max.data();
-  acc_t* total = sum.data();
-  int32_t* cnt = count.data();
-  const scalar_t* image = x.t.const_data_ptr<scalar_t>() + b * x.image();
-  for_each_element(x, p0, p1, [&](int64_t i, int64_t offset) {
-    const acc_t v = static_cast<acc_t>(image[offset]);
-    max_count_update(mx[i], cnt[i], v, 1);
-    total[i] += v;
-  });
-  const acc_t channels = static_cast<acc_t>(x.channels);
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* pixel = image + x.pixel_offset(p0 + i);
-    const acc_t m = channel_max(mx[i], total[i], pixel, x.channel_stride(), x.channels);
-    pooled[(2 * b) * pixels + p0 + i] = static_cast<scalar_t>(m);
-    pooled[(2 * b + 1) * pixels + p0 + i] = static_cast<scalar_t>(total[i] / channels);
-    ties[b * pixels + p0 + i] = cnt[i];
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> channel_pool_cpu(const at::Tensor& x_in) {
-  check_channel_pool_args(x_in);
-  const Dense x(x_in);
-  at::Tensor pooled = at::empty({x.batch, 2, x_in.size(2), x_in.size(3)}, x_in.options());
-  at::Tensor ties = at::empty({x.batch, x_in.size(2), x_in.size(3)}, x_in.options().dtype(at::kInt));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "dmgrd_channel_pool_cpu", [&] {
-    scalar_t* out = pooled.mutable_data_ptr<scalar_t>();
-    int32_t* tie = ties.mutable_data_ptr<int32_t>();
-    parallel_blocks(x, [&](int64_t b, int64_t p0, int64_t p1) { channel_pool_block(x, b, p0, p1, out, tie); });
-  });
-  return {pooled, ties};
-}
-
-// grad_x = (x == max) * grad_max / ties + grad_mean / C for pixels [p0, p1) of image b (grad and pooled are
-// [B, 2, H*W], ties [B, H*W]).
-template <typename scalar_t>
-DMGRD_CPU_CLONES void channel_pool_backward_block(const Dense& x, int64_t b, int64_t p0, int64_t p1,
-                                                  const scalar_t* grad, const scalar_t* pooled, const int32_t* ties,
-                                                  scalar_t* grad_x) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = p1 - p0, pixels = x.pixels;
-  const acc_t channels = static_cast<acc_t>(x.channels);
-  std::vector<acc_t> max(n), share(n), mean_share(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t at_max = (2 * b) * pixels + p0 + i;
-    max[i] = static_cast<acc_t>(pooled[at_max]);
-    share[i] = static_cast<acc_t>(grad[at_max]) / static_cast<acc_t>(ties[b * pixels + p0 + i]);
-    mean_share[i] = static_cast<acc_t>(grad[at_max + pixels]) / channels;
-  }
-  const acc_t* mx = max.data();
-  const acc_t* sh = share.data();
-  const acc_t* msh = mean_share.data();
-  const scalar_t* image = x.t.const_data_ptr<scalar_t>() + b * x.image();
-  scalar_t* grad_image = grad_x + b * x.image();
-  for_each_element(x, p0, p1, [&](int64_t i, int64_t offset) {
-    const acc_t hit = static_cast<acc_t>(image[offset]) == mx[i] ? acc_t(1) : acc_t(0);
-    grad_image[offset] = static_cast<scalar_t>(hit * sh[i] + msh[i]);
-  });
-}
-
-at::Tensor channel_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& pooled,
-                                     const at::Tensor& ties) {
-  check_channel_pool_backward_args(grad, x_in, pooled, ties);
-  const Dense x(x_in);
-  at::Tensor grad_x = x.empty();
-  const at::Tensor g = grad.contiguous(), pool = pooled.contiguous(), tie = ties.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "dmgrd_channel_pool_backward_cpu", [&] {
-    const scalar_t* g_in = g.const_data_ptr<scalar_t>();
-    const scalar_t* pool_in = pool.const_data_ptr<scalar_t>();
-    const int32_t* tie_in = tie.const_data_ptr<int32_t>();
-    scalar_t* out = grad_x.mutable_data_ptr<scalar_t>();
-    parallel_blocks(x, [&](int64_t b, int64_t p0, int64_t p1) {
-      channel_pool_backward_block(x, b, p0, p1, g_in, pool_in, tie_in, out);
-    });
-  });
-  return grad_x;
-}
+using pixel_blocks::Dense;
+using pixel_blocks::grain;
+using pixel_blocks::parallel_blocks;
+using pixel_blocks::for_each_element;
 
 template <typename acc_t>
 Upsample<acc_t> level_upsample(const at::TensorList& logits, size_t l) {
@@ -345,8 +195,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fuse_pyramid_backwa
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dmgrd, CPU, m) {
-  m.impl("channel_pool", &channel_pool_cpu);
-  m.impl("channel_pool_backward", &channel_pool_backward_cpu);
   m.impl("fuse_pyramid", &fuse_pyramid_cpu);
   m.impl("fuse_pyramid_backward", &fuse_pyramid_backward_cpu);
 }

@@ -1,8 +1,6 @@
-// CUDA kernels of dmgrd::channel_pool and dmgrd::fuse_pyramid, forward and backward. The passes over
-// [B, C, H, W] tensors (any strides) use blocks of kPixelsPerBlock pixels of the flattened [B, H*W] range
-// times kChannelGroups channel groups: thread (x, y) walks channels y, y + kChannelGroups, ... of its pixel,
-// and channel reductions finish in shared memory. The per-pixel maps (masks, mask gradients) are float32
-// (float64 for float64 inputs) [B, H*W], one thread per pixel.
+// CUDA kernels of dmgrd::fuse_pyramid, forward and backward. The passes over [B, C, H, W] tensors (any strides)
+// use the pixel tiles of pixel_tiles.cuh; the per-pixel maps (masks, mask gradients) are float32 (float64 for
+// float64 inputs) [B, H*W], one thread per pixel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,32 +16,14 @@
 
 #include "../fuse_pyramid.h"
 #include "launch.cuh"
+#include "pixel_tiles.cuh"
 
 namespace dmgrd::cuda_fuse_pyramid {
 namespace {
 
-constexpr int kPixelsPerBlock = 32;  // blockDim.x of the channel loops
-constexpr int kChannelGroups = 8;    // blockDim.y of the channel loops
+using namespace dmgrd::cuda_pixel_tiles;  // NOLINT(build/namespaces)
+
 constexpr int kMapThreads = 256;     // blockDim.x of the per-pixel kernels
-
-// One pixel of the flattened [B, H*W] range: image b, flat index p in the image, row h, column w.
-struct Pixel {
-  int64_t b, p, h, w;
-  bool valid;
-
-  __device__ Pixel(int64_t index, int64_t pixels, int64_t width, int64_t total)
-      : b(index / pixels), p(index % pixels), h(p / width), w(p % width), valid(index < total) {}
-  __device__ int64_t offset(const Strides4& s) const { return b * s.b + h * s.h + w * s.w; }
-  __device__ int64_t flat(int64_t pixels) const { return b * pixels + p; }
-};
-
-__device__ inline Pixel tile_pixel(int64_t pixels, int64_t width, int64_t total) {
-  return Pixel(static_cast<int64_t>(blockIdx.x) * kPixelsPerBlock + threadIdx.x, pixels, width, total);
-}
-
-__device__ inline Pixel thread_pixel(int64_t pixels, int64_t width, int64_t total) {
-  return Pixel(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, pixels, width, total);
-}
 
 __device__ inline float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 __device__ inline double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
@@ -56,60 +36,6 @@ struct AtomicAdd {
 #endif
   }
 };
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kPixelsPerBlock* kChannelGroups)
-    channel_pool_kernel(const scalar_t* __restrict__ x, Strides4 xs, int64_t channels, int64_t pixels,
-                        int64_t width, int64_t total, scalar_t* __restrict__ pooled, int32_t* __restrict__ ties) {
-  __shared__ acc_t part_max[kChannelGroups][kPixelsPerBlock];
-  __shared__ int32_t part_count[kChannelGroups][kPixelsPerBlock];
-  __shared__ acc_t part_sum[kChannelGroups][kPixelsPerBlock];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const Pixel px = tile_pixel(pixels, width, total);
-  const scalar_t* in = x + (px.valid ? px.offset(xs) : 0);
-  acc_t max = -std::numeric_limits<acc_t>::infinity(), sum = 0;
-  int32_t count = 0;
-  if (px.valid) {
-    for (int64_t c = ty; c < channels; c += kChannelGroups) {
-      const acc_t v = static_cast<acc_t>(in[c * xs.c]);
-      max_count_update(max, count, v, 1);
-      sum += v;
-    }
-  }
-  part_max[ty][tx] = max;
-  part_count[ty][tx] = count;
-  part_sum[ty][tx] = sum;
-  __syncthreads();
-  if (ty != 0 || !px.valid) return;
-  for (int g = 1; g < kChannelGroups; ++g) {
-    max_count_update(max, count, part_max[g][tx], part_count[g][tx]);
-    sum += part_sum[g][tx];
-  }
-  pooled[2 * px.b * pixels + px.p] = static_cast<scalar_t>(channel_max(max, sum, in, xs.c, channels));
-  pooled[(2 * px.b + 1) * pixels + px.p] = static_cast<scalar_t>(sum / static_cast<acc_t>(channels));
-  ties[px.flat(pixels)] = count;
-}
-
-// grad and pooled are contiguous [B, 2, H, W].
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kPixelsPerBlock* kChannelGroups)
-    channel_pool_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, Strides4 xs,
-                                 const scalar_t* __restrict__ pooled, const int32_t* __restrict__ ties,
-                                 scalar_t* __restrict__ grad_x, Strides4 gs, int64_t channels, int64_t pixels,
-                                 int64_t width, int64_t total) {
-  const Pixel px = tile_pixel(pixels, width, total);
-  if (!px.valid) return;
-  const int64_t max_index = 2 * px.b * pixels + px.p;
-  const acc_t max = static_cast<acc_t>(pooled[max_index]);
-  const acc_t share = static_cast<acc_t>(grad[max_index]) / static_cast<acc_t>(ties[px.flat(pixels)]);
-  const acc_t mean_share = static_cast<acc_t>(grad[max_index + pixels]) / static_cast<acc_t>(channels);
-  const scalar_t* in = x + px.offset(xs);
-  scalar_t* out = grad_x + px.offset(gs);
-  for (int64_t c = threadIdx.y; c < channels; c += kChannelGroups) {
-    const acc_t hit = static_cast<acc_t>(in[c * xs.c]) == max ? acc_t(1) : acc_t(0);
-    out[c * gs.c] = static_cast<scalar_t>(hit * share + mean_share);
-  }
-}
 
 // Masks of one level from its logits and the coarser level's mask (nullptr for the coarsest).
 template <typename scalar_t, typename acc_t>
@@ -181,57 +107,6 @@ __global__ void __launch_bounds__(kMapThreads)
                                     coarsest ? nullptr : coarse + plane, coarsest ? nullptr : coarse_grad + plane,
                                     up, px.h, px.w, AtomicAdd());
   grad_logits[px.flat(pixels)] = static_cast<scalar_t>(ga);
-}
-
-unsigned int blocks_for(int64_t total, int64_t per_block) {
-  return grid_x(ceil_div(total, per_block), "fuse_pyramid");
-}
-
-const dim3 kTileBlock(kPixelsPerBlock, kChannelGroups);
-
-void check_cuda(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda(), "dmgrd::", op, " (CUDA): expected CUDA tensors, got ", x.device());
-}
-
-std::tuple<at::Tensor, at::Tensor> channel_pool_cuda(const at::Tensor& x) {
-  check_channel_pool_args(x);
-  check_cuda(x, "channel_pool");
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
-  at::Tensor pooled = at::empty({batch, 2, height, width}, x.options());
-  at::Tensor ties = at::empty({batch, height, width}, x.options().dtype(at::kInt));
-  const int64_t total = batch * height * width;
-  if (total == 0) return {pooled, ties};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dmgrd_channel_pool_cuda", [&] {
-    channel_pool_kernel<scalar_t, at::opmath_type<scalar_t>><<<blocks_for(total, kPixelsPerBlock), kTileBlock, 0,
-                                                                 stream>>>(
-        x.const_data_ptr<scalar_t>(), strides_of(x), channels, height * width, width, total,
-        pooled.mutable_data_ptr<scalar_t>(), ties.mutable_data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {pooled, ties};
-}
-
-at::Tensor channel_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& pooled_in,
-                                      const at::Tensor& ties_in) {
-  check_channel_pool_backward_args(grad_in, x, pooled_in, ties_in);
-  check_cuda(x, "channel_pool_backward");
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const at::Tensor grad = grad_in.contiguous(), pooled = pooled_in.contiguous(), ties = ties_in.contiguous();
-  at::Tensor grad_x = dense_like(x);
-  const int64_t channels = x.size(1), width = x.size(3), pixels = x.size(2) * width, total = x.size(0) * pixels;
-  if (total == 0) return grad_x;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dmgrd_channel_pool_backward_cuda", [&] {
-    channel_pool_backward_kernel<scalar_t, at::opmath_type<scalar_t>>
-        <<<blocks_for(total, kPixelsPerBlock), kTileBlock, 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), strides_of(x),
-            pooled.const_data_ptr<scalar_t>(), ties.const_data_ptr<int32_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-            strides_of(grad_x), channels, pixels, width, total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return grad_x;
 }
 
 // Pixel count, width and flattened [B, H*W] total of a [B, C, H, W] level.
@@ -347,8 +222,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fuse_pyramid_backwa
 }  // namespace dmgrd::cuda_fuse_pyramid
 
 TORCH_LIBRARY_IMPL(dmgrd, CUDA, m) {
-  m.impl("channel_pool", &dmgrd::cuda_fuse_pyramid::channel_pool_cuda);
-  m.impl("channel_pool_backward", &dmgrd::cuda_fuse_pyramid::channel_pool_backward_cuda);
   m.impl("fuse_pyramid", &dmgrd::cuda_fuse_pyramid::fuse_pyramid_cuda);
   m.impl("fuse_pyramid_backward", &dmgrd::cuda_fuse_pyramid::fuse_pyramid_backward_cuda);
 }

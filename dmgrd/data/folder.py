@@ -4,25 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dmgrd.data.io import MaskFinder, Sample, SampleDataset, Size, list_images, require_dir
-
-
-def _images(folder: Path, what: str) -> list[Path]:
-    images = list_images(require_dir(folder, what))
-    if not images:
-        raise FileNotFoundError(f"no images in {what} {folder}")
-    return images
+from dmgrd.data.io import MaskFinder, Sample, SampleDataset, Size, images_in, require_dir
 
 
 def folder_samples(normal_dir: Path, abnormal_dir: Path | None, mask_dir: Path | None) -> list[Sample]:
     """Normal images (label 0) then abnormal ones (label 1) with masks matched by stem in ``mask_dir``; without
     ``mask_dir`` abnormal images get all-zero masks."""
-    samples = [Sample(image, None, 0) for image in _images(normal_dir, "normal folder")]
+    samples = [Sample(image, None, 0) for image in images_in(normal_dir, "normal folder")]
     if abnormal_dir is None:
         if mask_dir is not None:
             raise ValueError(f"mask_dir {mask_dir} given without abnormal_dir")
         return samples
-    abnormal = _images(abnormal_dir, "abnormal folder")
+    abnormal = images_in(abnormal_dir, "abnormal folder")
     if mask_dir is None:
         return samples + [Sample(image, None, 1) for image in abnormal]
     find_mask = MaskFinder(require_dir(mask_dir, "mask folder"))

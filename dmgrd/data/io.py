@@ -139,14 +139,24 @@ def require_dir(path: Path, what: str) -> Path:
     raise FileNotFoundError(f"{what} not found: {path}")
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name: files with a suffix of :data:`IMAGE_SUFFIXES` (any
-    case) whose name does not start with ``.`` (hidden files such as macOS ``._name.png`` are skipped)."""
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` (and, with ``recursive``, its subfolders), sorted by path: files with a suffix
+    of :data:`IMAGE_SUFFIXES` (any case) whose name does not start with ``.`` (hidden files such as macOS
+    ``._name.png`` are skipped)."""
     try:
-        return sorted(p for p in folder.iterdir()
+        candidates = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(p for p in candidates
                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
     except OSError as exc:
         raise OSError(f"cannot list folder {folder}: {exc}") from None
+
+
+def images_in(folder: Path, what: str, recursive: bool = False) -> list[Path]:
+    """:func:`list_images` of a folder that must exist and hold images; the errors name ``what`` and the folder."""
+    images = list_images(require_dir(folder, what), recursive)
+    if not images:
+        raise FileNotFoundError(f"no images in {what} {folder}")
+    return images
 
 
 def check_split(split: str) -> None:

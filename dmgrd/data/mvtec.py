@@ -34,8 +34,12 @@ def mvtec_layout_samples(root: Path, category: str, split: str, dataset: str,
     samples = []
     for defect_dir in _class_folders(split_dir, split, normal):
         label = int(defect_dir.name not in normal)
-        find_mask = MaskFinder(folder / "ground_truth" / defect_dir.name) if label else None
-        samples += [Sample(image, find_mask(image) if label else None, label) for image in list_images(defect_dir)]
+        images = list_images(defect_dir)
+        if label:
+            find_mask = MaskFinder(folder / "ground_truth" / defect_dir.name)
+            samples += [Sample(image, find_mask(image), label) for image in images]
+        else:
+            samples += [Sample(image, None, label) for image in images]
     if not samples:
         raise FileNotFoundError(f"no images in {split_dir}")
     return samples

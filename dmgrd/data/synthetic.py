@@ -169,7 +169,7 @@ class Synthetic(Dataset):
         """The image with a stain or scratch defect, and its mask [H, W]."""
         away = torch.where(image < 0.5, 1.0, -1.0)  # towards the far end of [0, 1], so no clipping is needed
         if bool(torch.rand(1, generator=g) < 0.5):
-            texture = self.defect_textures[torch.randint(DEFECT_TEXTURES, (1,), generator=g).item()]
+            texture = self.defect_textures[int(torch.randint(DEFECT_TEXTURES, (1,), generator=g))]
             change = _uniform(*STAIN_SHIFT, g, 3).view(3, 1, 1) * (0.4 + 0.6 * texture)
         else:
             allowed = allowed & self._stripes(g)

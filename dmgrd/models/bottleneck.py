@@ -14,14 +14,20 @@ def _down(in_channels: int, out_channels: int, stride: int = 2) -> nn.Sequential
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
-class OCBE(nn.Module):
+class Bottleneck(nn.Module):
+    """A bottleneck fusing the teacher pyramid into one code of ``out_channels`` channels at stride 32."""
+
+    out_channels: int
+
+
+class OCBE(Bottleneck):
     """Multi-scale feature fusion (levels 1 and 2 strided down to level 3) then one-class embedding blocks.
 
     For channels (c1, c2, c3) at strides (4, 8, 16) the output is ``2 * c3`` channels at stride 32
     (WRN50: 2048 x 8 x 8). Unlike the official code it has no unused ``conv4``/``bn4``.
     """
 
-    def __init__(self, channels: tuple[int, int, int], block: str = "bottleneck", blocks: int = 3, width_mult: int = 1):
+    def __init__(self, channels: tuple[int, ...], block: str = "bottleneck", blocks: int = 3, width_mult: int = 1):
         super().__init__()
         c1, c2, c3 = channels
         self.level1 = nn.Sequential(_down(c1, c2), _down(c2, c3))
@@ -34,7 +40,7 @@ class OCBE(nn.Module):
         return self.embed(torch.cat([self.level1(f1), self.level2(f2), f3], dim=1))
 
 
-class MFCF(nn.Module):
+class MFCF(Bottleneck):
     """DRD's multi-feature cascade fusion (SPEC §7.4), a drop-in for :class:`OCBE` with the same arguments.
 
     Each level is strided down and concatenated with the next one: ``x = down(F1)`` (c1 -> c2), then
@@ -43,7 +49,7 @@ class MFCF(nn.Module):
     channels at stride 32 (WRN50: 2048 x 8 x 8, 90.3 M parameters). No unused ``conv4``/``bn4``.
     """
 
-    def __init__(self, channels: tuple[int, int, int], block: str = "bottleneck", blocks: int = 3, width_mult: int = 1):
+    def __init__(self, channels: tuple[int, ...], block: str = "bottleneck", blocks: int = 3, width_mult: int = 1):
         super().__init__()
         c1, c2, c3 = channels
         self.level1 = _down(c1, c2)

@@ -16,8 +16,8 @@ class StudentDecoder(nn.Module):
     ``blocks`` counts blocks per stage from the coarsest (WRN50: [3, 4, 6], the published ``de_wide_resnet50_2``).
     """
 
-    def __init__(self, in_channels: int, channels: tuple[int, int, int], block: str = "bottleneck",
-                 blocks: tuple[int, int, int] = (3, 4, 6), width_mult: int = 1):
+    def __init__(self, in_channels: int, channels: tuple[int, ...], block: str = "bottleneck",
+                 blocks: tuple[int, ...] = (3, 4, 6), width_mult: int = 1):
         super().__init__()
         c1, c2, c3 = channels
         self.stage3 = decoder_stage(block, in_channels, c3, blocks[0], width_mult)

@@ -14,12 +14,13 @@ from typing import ClassVar
 
 import torch
 
+from dmgrd.data.textures import load_textures
 from dmgrd.losses import SSOT_MODES, contrast_loss, kd_loss, memory_margin_loss, ssot_loss, triplet_loss
-from dmgrd.models.base import ModelConfig
+from dmgrd.models.config import ModelConfig
 from dmgrd.models.fusion import ATTENTION_MODES, MSFF
 from dmgrd.models.memory import MEMORY_KINDS, SELECTIONS, MemoryBank, PatchMemoryBank
-from dmgrd.models.rd4ad import ReverseDistillation
-from dmgrd.synthesis import BLEND_MODES, AnomalySynthesizer
+from dmgrd.models.reverse_distillation import ReverseDistillation
+from dmgrd.synthesis import BLEND_MODES, AnomalySynthesizer, procedural_textures
 
 KD_TARGETS = ("input", "clean")
 SAMPLE_ORDERS = ("random", "alternate")
@@ -120,20 +121,15 @@ class DMGRD(ReverseDistillation):
 
     method = "dmgrd"
     config_class = DMGRDConfig
+    config: DMGRDConfig
 
-    def __init__(self, backbone: str = "wide_resnet50_2", weights: str | None = "imagenet", preset: str = "clean",
-                 image_size: int | tuple[int, int] = 256, memory_size: int = 30, *,
-                 config: DMGRDConfig | None = None, **overrides):
-        if config is None:
-            config = DMGRDConfig.from_preset(preset, backbone=backbone, weights=weights, image_size=image_size,
-                                             memory_size=memory_size, **overrides)
-        super().__init__(config)
-        height, width = config.size
-        sizes = tuple((height // s, width // s) for s in self.teacher.strides)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        sizes = self.teacher.level_sizes(self.config.size)
         channels = self.teacher.channels
         self.normal_memory = self._memory_bank(channels, sizes)
         self.abnormal_memory = self._memory_bank(channels, sizes)
-        self.fusion = MSFF(channels, config.attention)
+        self.fusion = MSFF(channels, self.config.attention)
         self.synthesizer: AnomalySynthesizer | None = None
 
     def _memory_bank(self, channels, sizes) -> MemoryBank:
@@ -154,8 +150,7 @@ class DMGRD(ReverseDistillation):
         count = self.config.memory_size
         if len(train_data) < count:
             raise ValueError(f"DM-GRD needs at least memory_size={count} training images, got {len(train_data)}")
-        self.synthesizer = AnomalySynthesizer.from_source(self.config.textures, self.config.size, generator,
-                                                          count=self.config.texture_count, blend=self.config.blend)
+        self.synthesizer = AnomalySynthesizer(self._textures(generator), blend=self.config.blend)
         if not build_memory:
             return
         indices = torch.randperm(len(train_data), generator=generator)[:count]
@@ -166,6 +161,13 @@ class DMGRD(ReverseDistillation):
         for bank, source in ((self.normal_memory, images), (self.abnormal_memory, augmented)):
             chunks = [self.teacher(chunk) for chunk in source.split(batch_size)]
             bank.fill([torch.cat(level) for level in zip(*chunks, strict=True)], indices, **options)
+
+    def _textures(self, generator: torch.Generator) -> torch.Tensor:
+        """``texture_count`` textures: a random subset of the ``textures`` folder, or procedural ones."""
+        cfg = self.config
+        if cfg.textures is None:
+            return procedural_textures(cfg.texture_count, cfg.size, generator)
+        return load_textures(cfg.textures, cfg.size, limit=cfg.texture_count, generator=generator)
 
     def _pick_augmented(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         if self.config.sample_order == "alternate":

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from dmgrd import ops
 from dmgrd.losses import COS_CHAN_MODES, cos_chan, kd_loss, seg_l1
-from dmgrd.models.base import ModelConfig
 from dmgrd.models.bottleneck import MFCF
-from dmgrd.models.rd4ad import ReverseDistillation
+from dmgrd.models.config import ModelConfig
+from dmgrd.models.reverse_distillation import ReverseDistillation
 from dmgrd.ops.anomaly_map import cosine_distance_reference
 from dmgrd.ops.image_score import MODES as IMAGE_SCORE_MODES
 from dmgrd.synthesis import color_distance, self_cutpaste
@@ -28,7 +28,7 @@ from dmgrd.synthesis import color_distance, self_cutpaste
 SEG_TARGETS = ("noisy", "clean")
 MASKS = ("soft", "binary_paste")
 PATCH_DRAWS = ("batch", "sample")
-IMAGE_SCORES = IMAGE_SCORE_MODES + ("drd_refined",)
+IMAGE_SCORES = (*IMAGE_SCORE_MODES, "drd_refined")
 
 
 @dataclass
@@ -85,6 +85,7 @@ class DRDConfig(ModelConfig):
 
     CHOICES: ClassVar[dict] = {
         **ModelConfig.CHOICES,
+        "map_reduce": ("sum", "mean"),  # the refined score needs the mean of the levels' maps
         "image_score": IMAGE_SCORES,
         "individual": COS_CHAN_MODES,
         "seg_target": SEG_TARGETS,
@@ -124,17 +125,8 @@ class DRD(ReverseDistillation):
 
     method = "drd"
     config_class = DRDConfig
+    config: DRDConfig
     bottleneck_class = MFCF
-
-    def __init__(self, backbone: str = "wide_resnet50_2", weights: str | None = "imagenet", preset: str = "clean",
-                 image_size: int | tuple[int, int] = 256, *, config: DRDConfig | None = None, **overrides):
-        if config is None:
-            config = DRDConfig.from_preset(preset, backbone=backbone, weights=weights, image_size=image_size,
-                                           **overrides)
-        super().__init__(config)
-
-    def student_features(self, teacher_feats):
-        return self.decode(teacher_feats)
 
     def optimizer_groups(self):
         return [{"params": self.trainable_parameters(), "lr_scale": 1.0, "weight_decay": self.config.weight_decay}]
@@ -142,7 +134,8 @@ class DRD(ReverseDistillation):
     def image_scores(self, maps, teacher_feats, student_feats):
         if self.config.image_score != "drd_refined":
             return super().image_scores(maps, teacher_feats, student_feats)
-        return refined_score(maps / len(teacher_feats), teacher_feats, student_feats)
+        mean_map = maps if self.config.map_reduce == "mean" else maps / len(teacher_feats)
+        return refined_score(mean_map, teacher_feats, student_feats)
 
     def pseudo_anomalies(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Self cut-paste versions of ``images`` and the masks ``[B, 1, H, W]`` their L_Seg map should match."""

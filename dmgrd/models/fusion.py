@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmgrd import ops
+from dmgrd.ops.fuse_pyramid import upsample_like
 
 ATTENTION_MODES = ("softmax", "dot_product")
 
@@ -29,9 +30,10 @@ class NonLocal2D(nn.Module):
         self.theta = nn.Conv2d(channels, inter, 1)
         self.phi = nn.Sequential(nn.Conv2d(channels, inter, 1), nn.MaxPool2d(2, ceil_mode=True))
         self.g = nn.Sequential(nn.Conv2d(channels, inter, 1), nn.MaxPool2d(2, ceil_mode=True))
-        self.out = nn.Sequential(nn.Conv2d(inter, channels, 1), nn.BatchNorm2d(channels))
-        nn.init.zeros_(self.out[1].weight)
-        nn.init.zeros_(self.out[1].bias)
+        norm = nn.BatchNorm2d(channels)
+        nn.init.zeros_(norm.weight)
+        nn.init.zeros_(norm.bias)
+        self.out = nn.Sequential(nn.Conv2d(inter, channels, 1), norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -71,10 +73,6 @@ class SpatialAttention(nn.Module):
         return self.conv(ops.channel_pool(x))
 
 
-def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=True)
-
-
 class MSFF(nn.Module):
     """Three MSFF blocks, a top-down pathway, and spatial-attention masks chained coarse to fine.
 
@@ -91,7 +89,7 @@ class MSFF(nn.Module):
 
     def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         f1, f2, f3 = (block(x) for block, x in zip(self.blocks, inputs, strict=True))
-        f2 = f2 + self.top_down32(_up(f3, f2))
-        f1 = f1 + self.top_down21(_up(f2, f1))
+        f2 = f2 + self.top_down32(upsample_like(f3, f2))
+        f1 = f1 + self.top_down21(upsample_like(f2, f1))
         # m3 = sam(x3), m2 = sam(x2) * up(m3), m1 = sam(x1) * up(m2); outputs f_l * m_l.
         return ops.fuse_pyramid([f1, f2, f3], [self.spatial_attention(x) for x in inputs])

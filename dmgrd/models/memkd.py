@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmgrd.losses import kd_loss
-from dmgrd.models.base import ModelConfig
+from dmgrd.layout import pixel_rows
+from dmgrd.models.config import ModelConfig
 from dmgrd.models.memory import MemoryBank
-from dmgrd.models.nr_memory import INIT_METHODS, NRMemory, greedy_kcenter, to_pixels
-from dmgrd.models.rd4ad import ReverseDistillation
+from dmgrd.models.nr_memory import INIT_METHODS, NRMemory
+from dmgrd.models.reverse_distillation import ReverseDistillation
+from dmgrd.numerics import level_sum
+from dmgrd.ops.coreset_update import greedy_coreset, nearest_to_mean
 
 MEMORY_INITS = (*INIT_METHODS, "random")
 EXEMPLAR_SELECTIONS = ("kcenter", "random")
@@ -82,7 +84,7 @@ def normality_embedding_loss(exemplars: torch.Tensor, memory: NRMemory) -> torch
     """One level of L_NE for exemplar teacher features [K, C, H, W]: the mean over positions of the cosine
     distance to the nearest memory item, plus the mean cosine distance between the memory's output and its
     input (computed in float32)."""
-    pixels = F.normalize(to_pixels(exemplars).float(), dim=1)
+    pixels = F.normalize(pixel_rows(exemplars).float(), dim=1)
     items = F.normalize(memory.memory.float(), dim=1)
     coverage = (1 - pixels @ items.T).amin(1).mean()
     recall = (1 - F.cosine_similarity(memory(exemplars).float(), exemplars.float(), dim=1)).mean()
@@ -96,29 +98,22 @@ class MemKD(ReverseDistillation):
 
     method = "memkd"
     config_class = MemKDConfig
+    config: MemKDConfig
 
-    def __init__(self, backbone: str = "wide_resnet50_2", weights: str | None = "imagenet", preset: str = "clean",
-                 image_size: int | tuple[int, int] = 256, *, config: MemKDConfig | None = None, **overrides):
-        if config is None:
-            config = MemKDConfig.from_preset(preset, backbone=backbone, weights=weights, image_size=image_size,
-                                             **overrides)
-        super().__init__(config)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = self.config
         channels = self.teacher.channels
         self.memories = nn.ModuleList(
             NRMemory(c, config.memory_items, config.temperature, config.shrink) if level in config.memory_levels
             else nn.Identity()
             for level, c in zip(LEVELS, channels, strict=True)
         )
-        height, width = config.size
-        sizes = tuple((height // s, width // s) for s in self.teacher.strides)
-        self.exemplar_memory = MemoryBank(channels, sizes, config.exemplars)
+        self.exemplar_memory = MemoryBank(channels, self.teacher.level_sizes(config.size), config.exemplars)
 
     def decode(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Student pyramid, with each chosen decoder stage's output passed through its NR memory."""
         return self.decoder(self.bottleneck(feats), self.memories)
-
-    def student_features(self, teacher_feats):
-        return self.decode(teacher_feats)
 
     @property
     def exemplar_features(self) -> list[torch.Tensor]:
@@ -149,7 +144,7 @@ class MemKD(ReverseDistillation):
             return torch.randperm(len(train_data), generator=generator)[:count]
         batches = self._teacher_batches(train_data, torch.arange(len(train_data)), batch_size)
         pooled = torch.cat([feats[-1].float().mean((2, 3)) for feats in batches])
-        return greedy_kcenter(pooled, count).cpu()
+        return greedy_coreset(pooled, count, start=nearest_to_mean(pooled)).cpu()
 
     def _teacher_pyramids(self, train_data, indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
         return [torch.cat(level) for level in zip(*self._teacher_batches(train_data, indices, batch_size), strict=True)]
@@ -163,13 +158,12 @@ class MemKD(ReverseDistillation):
 
     def normality_embedding_loss(self) -> torch.Tensor:
         """L_NE summed over the levels with a memory."""
-        return sum(normality_embedding_loss(self.exemplar_features[level - 1], self.memories[level - 1])
-                   for level in self.config.memory_levels)
+        return level_sum(normality_embedding_loss(self.exemplar_features[level - 1], self.memories[level - 1])
+                         for level in self.config.memory_levels)
 
     def training_losses(self, images, generator):
         if not self.exemplar_memory.filled:
             raise RuntimeError("call prepare() (done by fit()) before training")
-        teacher_feats = self.teacher(images)
-        kd = kd_loss(teacher_feats, self.decode(teacher_feats), self.config.kd_reduction)
+        kd = super().training_losses(images, generator)["kd"]
         ne = self.normality_embedding_loss()
         return {"loss": kd + self.config.ne_weight * ne, "kd": kd, "ne": ne}

@@ -4,6 +4,7 @@ of the fusion module."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -12,10 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmgrd import ops
+from dmgrd.layout import pixel_rows
 from dmgrd.models.state import register_data_buffer
+from dmgrd.numerics import level_sum
 from dmgrd.ops.memory_nearest import pairwise_distance_reference
 
 SELECTIONS = ("l2", "attention", "legacy")
+# What a bank's select() chose: item indices [B] (image memory) or, per level, patch rows [B, H_l, W_l].
+Selection = torch.Tensor | list[torch.Tensor]
 MEMORY_KINDS = ("image", "patch")
 
 
@@ -52,6 +57,9 @@ class MemoryBank(nn.Module):
     ``"legacy"`` the official code's top-k-of-channels statistic, whose argmin is always the last index of a
     level block ({L/3-1, 2L/3-1, L-1}), i.e. one fixed item for every query.
     """
+
+    indices: torch.Tensor
+
 
     def __init__(self, channels: tuple[int, ...], sizes: tuple[tuple[int, int], ...], memory_size: int = 30,
                  selection: str = "l2"):
@@ -94,7 +102,7 @@ class MemoryBank(nn.Module):
 
     def pooled(self) -> list[torch.Tensor]:
         """Per level [L, C_l]: the L2-normalised global average pool of every item (cached)."""
-        return [self._cache.get(f"pooled_{level}", [m], lambda m=m: F.normalize(m.mean((2, 3)), dim=1))
+        return [self._cache.get(f"pooled_{level}", [m], functools.partial(_pooled, m))
                 for level, m in enumerate(self.items)]
 
     @torch.no_grad()
@@ -105,7 +113,7 @@ class MemoryBank(nn.Module):
             dist, index = ops.memory_nearest(flatten_scaled(feats, bank.dtype), bank, bank.shape[0], "l2")
             return torch.empty_like(dist).scatter_(1, index, dist)
         if self.selection == "attention":
-            return -sum(_item_attention(f, m).mean(2) for f, m in zip(feats, self.items, strict=True))
+            return -level_sum(_item_attention(f, m).mean(2) for f, m in zip(feats, self.items, strict=True))
         k = self.items[0].shape[0] // 3
         return torch.cat([_legacy_statistic(f, m, k) for f, m in zip(feats, self.items, strict=True)], dim=1)
 
@@ -121,7 +129,7 @@ class MemoryBank(nn.Module):
         if not self.filled:
             raise RuntimeError("the memory bank is empty: fit the model (or load a fitted checkpoint) first")
 
-    def select(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def select(self, feats: list[torch.Tensor]) -> tuple[Selection, list[torch.Tensor]]:
         """Index j* [B] of the chosen item and the memory-guided inputs ``[F_l, (M_l[j*] - F_l)^2]`` per level."""
         self.check_filled()
         chosen = self.nearest(feats)
@@ -168,7 +176,7 @@ class PatchMemoryBank(MemoryBank):
         the random projections."""
         super().fill(feats, indices)
         for level, coreset in enumerate(self.coresets):
-            patches = _patch_rows(self.items[level])
+            patches = pixel_rows(self.items[level])
             projection = self.coreset_projection
             if projection is not None and projection >= patches.shape[1]:
                 projection = None
@@ -178,10 +186,10 @@ class PatchMemoryBank(MemoryBank):
         """[P_l, C_l]: the memory patches of ``level`` (the coreset rows when there is one; cached)."""
         items = self.items[level]
         if not self.coresets:
-            return self._cache.get(f"patches_{level}", [items], lambda: _patch_rows(items))
+            return self._cache.get(f"patches_{level}", [items], lambda: pixel_rows(items))
         coreset = self.coresets[level]
         return self._cache.get(f"patches_{level}", [items, coreset],
-                               lambda: _patch_rows(items).index_select(0, coreset))
+                               lambda: pixel_rows(items).index_select(0, coreset))
 
     @torch.no_grad()
     def nearest_patches(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -189,10 +197,10 @@ class PatchMemoryBank(MemoryBank):
         rows = []
         for level, f in enumerate(feats):
             bank = self.patch_bank(level)
-            rows.append(nearest_rows(_patch_rows(f).to(bank.dtype), bank).view(f.shape[0], *f.shape[2:]))
+            rows.append(nearest_rows(pixel_rows(f).to(bank.dtype), bank).view(f.shape[0], *f.shape[2:]))
         return rows
 
-    def select(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def select(self, feats: list[torch.Tensor]) -> tuple[Selection, list[torch.Tensor]]:
         """Nearest patch rows per level ([B, H_l, W_l]) and the guided inputs ``[F_l, (P_l[nn] - F_l)^2]``."""
         self.check_filled()
         rows = self.nearest_patches(feats)
@@ -223,9 +231,9 @@ def flatten_scaled(feats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tenso
     return torch.cat([f.flatten(1).to(dtype) / math.sqrt(f.shape[1:].numel()) for f in feats], dim=1)
 
 
-def _patch_rows(f: torch.Tensor) -> torch.Tensor:
-    """[B * H * W, C]: one row per pixel of ``f`` [B, C, H, W] (ordered by image, then pixel)."""
-    return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+def _pooled(items: torch.Tensor) -> torch.Tensor:
+    """[L, C]: the L2-normalised global average pool of items [L, C, H, W]."""
+    return F.normalize(items.mean((2, 3)), dim=1)
 
 
 def _item_attention(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -14,37 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmgrd import ops
+from dmgrd.layout import pixel_rows
+from dmgrd.ops.coreset_update import greedy_coreset, nearest_to_mean
 
 INIT_METHODS = ("kmeans", "kcenter")
-
-
-def to_pixels(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] feature maps -> [B*H*W, C] rows, one per position (batch-major, then row-major)."""
-    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-
-
-def greedy_kcenter(points: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [k] of a greedy k-center (farthest-point) subset of ``points`` [P, D] under L2 distance.
-
-    Starts at the point nearest the mean, then repeatedly adds the point farthest from those already chosen
-    (ties to the lowest index): a 2-approximation of the optimal k-center radius. No host synchronisation.
-    """
-    if points.dim() != 2 or not points.is_floating_point():
-        raise ValueError(f"points must be a floating-point [P, D] tensor, got {points.dtype} {tuple(points.shape)}")
-    if not 1 <= k <= points.shape[0]:
-        raise ValueError(f"k must be in [1, {points.shape[0]}] (the number of points), got {k}")
-    x = _accumulated(points)
-    norms = x.square().sum(1)
-
-    def squared_distance(index: torch.Tensor) -> torch.Tensor:
-        return (norms + norms[index] - 2 * (x @ x[index])).clamp_min(0)
-
-    chosen = [(x - x.mean(0)).square().sum(1).argmin()]
-    nearest = squared_distance(chosen[0])
-    for _ in range(k - 1):
-        chosen.append(nearest.argmax())
-        nearest = torch.minimum(nearest, squared_distance(chosen[-1]))
-    return torch.stack(chosen)
 
 
 def spherical_kmeans(points: torch.Tensor, k: int, iterations: int = 10) -> torch.Tensor:
@@ -53,7 +26,7 @@ def spherical_kmeans(points: torch.Tensor, k: int, iterations: int = 10) -> torc
     features' scale; a centre that loses all its points stays where it was."""
     x = _accumulated(points)
     unit = F.normalize(x, dim=1)
-    centres = x[greedy_kcenter(unit, k)]
+    centres = x[greedy_coreset(unit, k, start=nearest_to_mean(unit))]
     for _ in range(iterations):
         assign = F.one_hot((unit @ F.normalize(centres, dim=1).T).argmax(1), k).to(x.dtype)  # P x k
         counts = assign.sum(0).unsqueeze(1)
@@ -109,7 +82,7 @@ class NRMemory(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        recalled = self.recall(to_pixels(x)).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        recalled = self.recall(pixel_rows(x)).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
         return self.fuse(torch.cat([x, recalled.to(x.dtype)], dim=1)) + x
 
     @torch.no_grad()
@@ -119,7 +92,7 @@ class NRMemory(nn.Module):
         cosine distance (``"kcenter"``)."""
         if method not in INIT_METHODS:
             raise ValueError(f"method must be one of {INIT_METHODS}, got {method!r}")
-        rows = to_pixels(features) if features.dim() == 4 else features
+        rows = pixel_rows(features) if features.dim() == 4 else features
         items, channels = self.memory.shape
         if rows.dim() != 2 or rows.shape[1] != channels:
             raise ValueError(f"features must have {channels} channels, got shape {tuple(features.shape)}")
@@ -128,5 +101,6 @@ class NRMemory(nn.Module):
         if method == "kmeans":
             centres = spherical_kmeans(rows, items, iterations)
         else:
-            centres = rows[greedy_kcenter(F.normalize(rows.float(), dim=1), items)]
+            unit = F.normalize(rows.float(), dim=1)
+            centres = rows[greedy_coreset(unit, items, start=nearest_to_mean(unit))]
         self.memory.copy_(centres)

@@ -16,9 +16,9 @@ from typing import ClassVar
 import torch
 
 from dmgrd.losses import SSOT_MODES, contrast_loss, kd_loss, ssot_loss
-from dmgrd.models.base import ModelConfig
+from dmgrd.models.config import ModelConfig
 from dmgrd.models.projection import MultiProjection
-from dmgrd.models.rd4ad import ReverseDistillation
+from dmgrd.models.reverse_distillation import ReverseDistillation
 from dmgrd.synthesis import simplex_patch, simplex_permutations
 
 NOISE_FIELDS = ("per_sample", "fixed")
@@ -72,15 +72,12 @@ class RDPP(ReverseDistillation):
 
     method = "rdpp"
     config_class = RDPPConfig
+    config: RDPPConfig
 
-    def __init__(self, backbone: str = "wide_resnet50_2", weights: str | None = "imagenet", preset: str = "clean",
-                 image_size: int | tuple[int, int] = 256, *, config: RDPPConfig | None = None, **overrides):
-        if config is None:
-            config = RDPPConfig.from_preset(preset, backbone=backbone, weights=weights, image_size=image_size,
-                                            **overrides)
-        super().__init__(config)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.projection = MultiProjection(self.teacher.channels)
-        self.noise_sizes = (NOISE_SIZES[0], min(NOISE_SIZES[1], min(config.size) - 2))
+        self.noise_sizes = (NOISE_SIZES[0], min(NOISE_SIZES[1], min(self.config.size) - 2))
         self.noise_permutation: torch.Tensor | None = None
 
     def student_features(self, teacher_feats):

@@ -3,6 +3,8 @@ one-class bottleneck and their transposed twins for the student decoder (RD4AD's
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -65,8 +67,8 @@ def _shortcut(in_channels: int, out_channels: int, upsample: bool) -> nn.Module:
     return nn.Identity()
 
 
-ENCODER_BLOCKS = {"bottleneck": Bottleneck, "basic": BasicBlock}
-DECODER_BLOCKS = {"bottleneck": DeBottleneck, "basic": DeBasicBlock}
+ENCODER_BLOCKS: dict[str, Any] = {"bottleneck": Bottleneck, "basic": BasicBlock}
+DECODER_BLOCKS: dict[str, Any] = {"bottleneck": DeBottleneck, "basic": DeBasicBlock}
 
 
 def encoder_stage(block: str, in_channels: int, out_channels: int, blocks: int, width_mult: int) -> nn.Sequential:

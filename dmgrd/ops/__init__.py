@@ -13,15 +13,11 @@ from dmgrd.ops._dispatch import (
     use_backend,
 )
 from dmgrd.ops.anomaly_map import anomaly_map, anomaly_map_reference, gaussian_blur_reference, gaussian_weights
-from dmgrd.ops.coreset import coreset_update, coreset_update_reference, greedy_coreset
+from dmgrd.ops.channel_pool import channel_pool, channel_pool_reference
+from dmgrd.ops.coreset_update import coreset_update, coreset_update_reference, greedy_coreset
 from dmgrd.ops.cosine_kd_loss import cosine_kd_loss, cosine_kd_loss_reference
 from dmgrd.ops.dual_memory_margin import dual_memory_margin, dual_memory_margin_reference
-from dmgrd.ops.fuse_pyramid import (
-    channel_pool,
-    channel_pool_reference,
-    fuse_pyramid,
-    fuse_pyramid_reference,
-)
+from dmgrd.ops.fuse_pyramid import fuse_pyramid, fuse_pyramid_reference
 from dmgrd.ops.image_score import image_score, image_score_reference
 from dmgrd.ops.memory_nearest import memory_nearest, memory_nearest_reference
 from dmgrd.ops.memory_readout import memory_readout, memory_readout_reference
@@ -32,12 +28,12 @@ __all__ = [
     "anomaly_map",
     "anomaly_map_reference",
     "backends",
+    "channel_pool",
+    "channel_pool_reference",
     "coreset_update",
     "coreset_update_reference",
     "cosine_kd_loss",
     "cosine_kd_loss_reference",
-    "channel_pool",
-    "channel_pool_reference",
     "dual_memory_margin",
     "dual_memory_margin_reference",
     "fuse_pyramid",

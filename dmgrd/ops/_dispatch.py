@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from dmgrd import _extension
+from dmgrd._extension import triton_interpreted
 
 BACKENDS = ("ext", "triton", "torch")
-CHOICES = ("auto",) + BACKENDS
+CHOICES = ("auto", *BACKENDS)
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dmgrd_backend", default=None)
 OPS: dict[str, Op] = {}
@@ -55,11 +56,6 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _forced.reset(token)
-
-
-def triton_interpreted() -> bool:
-    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def triton_unavailable_reason(device_type: str) -> str | None:
@@ -143,7 +139,11 @@ class Op:
         return "torch"
 
     def implementation(self, backend: str) -> Callable:
-        return {"ext": self.ext, "triton": self.triton, "torch": self.reference}[backend]
+        """The function of ``backend`` (the reference for ``"torch"``); raises if this op has none there."""
+        fn = {"ext": self.ext, "triton": self.triton, "torch": self.reference}[backend]
+        if fn is None:
+            raise BackendUnavailableError(f"dmgrd.ops.{self.name} has no {backend} implementation")
+        return fn
 
     def __call__(self, tensors: Sequence[torch.Tensor], *args):
         return self.implementation(self.select(tensors))(*args)

@@ -11,6 +11,7 @@ Gaussian of standard deviation ``sigma`` with :func:`scipy.ndimage.gaussian_filt
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -18,18 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from dmgrd import _extension
+from dmgrd.layout import size_pair
+from dmgrd.numerics import COSINE_EPS, accumulation_dtype, gaussian_weights
 from dmgrd.ops._dispatch import Op
 
 REDUCTIONS = ("sum", "mean", "mul")
-COSINE_EPS = 1e-8
-
-
-def gaussian_weights(sigma: float, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-    """The normalised 1-D Gaussian taps scipy's ``gaussian_filter`` uses (truncate 4): ``2r+1`` values."""
-    radius = int(4.0 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    w = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (w / w.sum()).to(dtype=dtype, device=device)
 
 
 def reflect_index(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -56,7 +50,7 @@ def gaussian_blur_reference(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def cosine_distance_reference(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """``1 - cos`` over channels of two ``[B, C, H, W]`` maps, computed in float32 (float64 stays float64)."""
-    acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(teacher.dtype)
     t, s = teacher.to(acc), student.to(acc)
     dot = (t * s).sum(1)
     t_norm = t.square().sum(1).sqrt().clamp_min(COSINE_EPS)
@@ -72,31 +66,12 @@ def anomaly_map_reference(
     sigma: float = 4.0,
 ) -> torch.Tensor:
     """Pure-torch definition of :func:`anomaly_map` (no input checks; use the public function)."""
-    combined = None
-    for t, s in zip(teacher_feats, student_feats, strict=True):
-        d = cosine_distance_reference(t, s).unsqueeze(1)
-        d = F.interpolate(d, size=tuple(out_size), mode="bilinear", align_corners=True)
-        if combined is None:
-            combined = d
-        elif reduce == "mul":
-            combined = combined * d
-        else:
-            combined = combined + d
+    levels = [F.interpolate(cosine_distance_reference(t, s).unsqueeze(1), size=tuple(out_size), mode="bilinear",
+                            align_corners=True) for t, s in zip(teacher_feats, student_feats, strict=True)]
+    combined = functools.reduce(torch.mul if reduce == "mul" else torch.add, levels)
     if reduce == "mean":
         combined = combined / len(teacher_feats)
     return gaussian_blur_reference(combined, sigma)
-
-
-def _normalise_out_size(out_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(out_size, int):
-        out_size = (out_size, out_size)
-    try:
-        height, width = (int(v) for v in out_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"out_size must be an int or a pair (H, W), got {out_size!r}") from None
-    if height <= 0 or width <= 0:
-        raise ValueError(f"out_size must be positive, got {(height, width)}")
-    return height, width
 
 
 def _as_levels(feats, name: str) -> list[torch.Tensor]:
@@ -186,22 +161,21 @@ def anomaly_map(
         float32 map (float64 for float64 inputs) on the inputs' device. NaN in the inputs propagates.
     """
     teacher, student = check_feature_pairs(teacher_feats, student_feats)
-    size = _normalise_out_size(out_size)
+    size = size_pair(out_size, "out_size")
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     sigma = float(sigma)
     if not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
     if teacher[0].shape[0] == 0:
-        dtype = torch.float64 if teacher[0].dtype == torch.float64 else torch.float32
-        return teacher[0].new_empty((0, 1, *size), dtype=dtype)
+        return teacher[0].new_empty((0, 1, *size), dtype=accumulation_dtype(teacher[0].dtype))
     return OP(teacher + student, teacher, student, size, reduce, sigma)
 
 
 def _register_fake() -> None:
     @torch.library.register_fake("dmgrd::anomaly_map")
     def _(teacher, student, out_size, reduce, sigma):
-        dtype = torch.float64 if teacher[0].dtype == torch.float64 else torch.float32
+        dtype = accumulation_dtype(teacher[0].dtype)
         return teacher[0].new_empty((teacher[0].shape[0], 1, out_size[0], out_size[1]), dtype=dtype)
 
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from dmgrd import _extension
+from dmgrd.layout import cosine_rows, dense_format
+from dmgrd.numerics import accumulation_dtype, level_sum
 from dmgrd.ops._dispatch import Op
 from dmgrd.ops.anomaly_map import check_feature_pairs
 
@@ -30,29 +32,14 @@ def cosine_kd_loss_reference(
     teacher_feats: Sequence[torch.Tensor], student_feats: Sequence[torch.Tensor], reduction: str = "flatten"
 ) -> torch.Tensor:
     """Pure-torch definition of :func:`cosine_kd_loss` (differentiable, no input checks)."""
-    total = 0.0
-    for t, s in zip(teacher_feats, student_feats, strict=True):
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    def term(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        acc = accumulation_dtype(t.dtype)
         t, s = t.to(acc), s.to(acc)
         if reduction == "flatten":
             t, s = t.flatten(1), s.flatten(1)
-        total = total + (1 - F.cosine_similarity(t, s, dim=1)).mean()
-    return total
+        return (1 - F.cosine_similarity(t, s, dim=1)).mean()
 
-
-def kernel_layout(student: torch.Tensor) -> torch.memory_format:
-    """The layout the fast paths compute a level in (and give its gradients): the student's own when it is
-    channels_last, else contiguous."""
-    if not student.is_contiguous() and student.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def num_rows(feats: Sequence[torch.Tensor], reduction: str) -> int:
-    """Cosine rows over all levels: one per image (``"flatten"``) or one per pixel (``"pixel"``)."""
-    if reduction == "flatten":
-        return len(feats) * feats[0].shape[0]
-    return sum(f.shape[0] * f.shape[2] * f.shape[3] for f in feats)
+    return level_sum(term(t, s) for t, s in zip(teacher_feats, student_feats, strict=True))
 
 
 class _Kernels(NamedTuple):
@@ -144,15 +131,15 @@ def cosine_kd_loss(
 
 
 def _empty_in_layout_of(x: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=kernel_layout(student))
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dense_format(student))
 
 
 def _register_fake() -> None:
     @torch.library.register_fake("dmgrd::cosine_kd_loss_forward")
     def _(teacher, student, reduction):
-        dtype = torch.float64 if teacher[0].dtype == torch.float64 else torch.float32
+        dtype = accumulation_dtype(teacher[0].dtype)
         loss = teacher[0].new_empty((), dtype=dtype)
-        return loss, teacher[0].new_empty((num_rows(teacher, reduction), 3), dtype=dtype)
+        return loss, teacher[0].new_empty((cosine_rows(teacher, reduction), 3), dtype=dtype)
 
     @torch.library.register_fake("dmgrd::cosine_kd_loss_backward")
     def _(grad, teacher, student, coeffs, reduction, teacher_grad):

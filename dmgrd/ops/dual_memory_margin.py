@@ -11,9 +11,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from dmgrd import _extension
+from dmgrd.numerics import NORM_EPS, accumulation_dtype
 from dmgrd.ops._dispatch import Op
 from dmgrd.ops.memory_nearest import (
-    COSINE_EPS,
     check_metric,
     check_query_bank,
     inverse_norms,
@@ -23,7 +23,7 @@ from dmgrd.ops.memory_nearest import (
 
 def _distance_to(query: torch.Tensor, items: torch.Tensor, metric: str) -> torch.Tensor:
     """Differentiable distance of each query row to its own item row (same definition as the search)."""
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(query.dtype)
     q, m = query.to(acc), items.to(acc)
     if metric == "cosine":
         return 1 - (q * m).sum(1) * inverse_norms(q) * inverse_norms(m)
@@ -47,8 +47,8 @@ def _distance_grad(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tenso
     """Row-wise gradient of ``distance(x, y)`` with respect to ``x`` (rows of ``x`` and ``y`` paired)."""
     if metric == "l2":
         return 2 * (x - y)
-    nx = x.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
-    ny = y.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
+    nx = x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    ny = y.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
     cos = (x * y).sum(1, keepdim=True) / (nx * ny)
     return (cos * x / nx - y / ny) / nx
 
@@ -68,7 +68,7 @@ class _DualMemoryMargin(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_n, grad_a, _grad_index_n, _grad_index_a, grad_hinge):
         query, normal_bank, abnormal_bank, index_n, index_a, hinge = ctx.saved_tensors
-        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(query.dtype)
         q = query.to(acc)
         active = (hinge > 0).to(acc) * grad_hinge.to(acc)  # relu passes the gradient where the hinge is > 0
         banks, indices = (normal_bank, abnormal_bank), (index_n, index_a)

@@ -1,17 +1,14 @@
-"""The parameter-free part of DM-GRD's MSFF attention (SPEC §4.4), as two ops around its 7x7 convolution.
+"""The gating of DM-GRD's MSFF attention (SPEC §4.4), the op after its 7x7 convolution.
 
 MSFF gates its fused features ``f_l`` (level 1 finest, level L coarsest) with spatial-attention masks built
-from its inputs ``x_l``: ``sam(x) = sigmoid(conv7x7([max_c x, mean_c x]))``, ``m_L = sam(x_L)``,
-``m_l = sam(x_l) * up(m_{l+1})`` (bilinear, ``align_corners=True``, to level ``l``'s size, which need not
-be an exact double), outputs ``f_l * m_l``. The convolution stays in torch; around it:
+from its inputs ``x_l``: ``sam(x) = sigmoid(conv7x7([max_c x, mean_c x]))`` (the pooling is
+:func:`dmgrd.ops.channel_pool`), ``m_L = sam(x_L)``, ``m_l = sam(x_l) * up(m_{l+1})`` (bilinear,
+``align_corners=True``, to level ``l``'s size, which need not be an exact double), outputs ``f_l * m_l``.
+:func:`fuse_pyramid` ``(features, logits) -> [f_l * m_l]`` takes the convolution's outputs ``a_l``
+(``sam(x_l) = sigmoid(a_l)``), computes the small mask maps, then writes each output in one pass.
 
-- :func:`channel_pool` ``x -> [max_c x, mean_c x]`` reads ``x`` once (the convolution's input);
-- :func:`fuse_pyramid` ``(features, logits) -> [f_l * m_l]`` takes the convolution's outputs ``a_l``
-  (``sam(x_l) = sigmoid(a_l)``) and computes the small mask maps, then writes each output in one pass.
-
-Both are differentiable in every backend, with the reference's gradients: the channel max passes its
-gradient to the channels that reach it, split evenly among ties (as ``torch.amax``). The fast backends
-compute in float32 (float64 for float64 inputs) and round once; the reference rounds each step.
+Differentiable in every backend, with the reference's gradients. The fast backends compute in float32
+(float64 for float64 inputs) and round once; the reference rounds each step.
 """
 
 from __future__ import annotations
@@ -24,12 +21,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from dmgrd import _extension
+from dmgrd.layout import dense_like
 from dmgrd.ops._dispatch import Op
-
-
-def channel_pool_reference(x: torch.Tensor) -> torch.Tensor:
-    """Pure-torch definition of :func:`channel_pool` (no input checks; use the public function)."""
-    return torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+from dmgrd.ops.channel_pool import check_map
 
 
 def upsample_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -48,23 +42,6 @@ def attention_masks_reference(logits: Sequence[torch.Tensor]) -> list[torch.Tens
 def fuse_pyramid_reference(features: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Pure-torch definition of :func:`fuse_pyramid` (no input checks; use the public function)."""
     return [f * m for f, m in zip(features, attention_masks_reference(logits), strict=True)]
-
-
-class _ChannelPool(torch.autograd.Function):
-    """channel_pool through a backend's kernels: ``forward(x) -> (pooled, ties)`` and
-    ``backward(grad, x, pooled, ties)``."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, forward: Callable, backward: Callable) -> torch.Tensor:
-        pooled, ties = forward(x)
-        ctx.save_for_backward(x, pooled, ties)
-        ctx.backward_kernel = backward
-        return pooled
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        return ctx.backward_kernel(grad, *ctx.saved_tensors), None, None
 
 
 class _FusePyramid(torch.autograd.Function):
@@ -87,16 +64,6 @@ class _FusePyramid(torch.autograd.Function):
         return None, None, *grad_features, *grad_logits
 
 
-def _ext_channel_pool(x):
-    return _ChannelPool.apply(x, torch.ops.dmgrd.channel_pool, torch.ops.dmgrd.channel_pool_backward)
-
-
-def _triton_channel_pool(x):
-    from dmgrd.kernels import fuse_pyramid as kernels
-
-    return _ChannelPool.apply(x, kernels.channel_pool_triton, kernels.channel_pool_backward_triton)
-
-
 def _ext_fuse_pyramid(features, logits):
     return list(_FusePyramid.apply(torch.ops.dmgrd.fuse_pyramid, torch.ops.dmgrd.fuse_pyramid_backward,
                                    *features, *logits))
@@ -109,43 +76,18 @@ def _triton_fuse_pyramid(features, logits):
                                    *features, *logits))
 
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-CHANNEL_POOL_OP = Op("channel_pool", reference=channel_pool_reference, ext=_ext_channel_pool,
-                     triton=_triton_channel_pool, triton_dtypes=TRITON_DTYPES, differentiable=True)
 OP = Op("fuse_pyramid", reference=fuse_pyramid_reference, ext=_ext_fuse_pyramid, triton=_triton_fuse_pyramid,
-        triton_dtypes=TRITON_DTYPES, differentiable=True)
-
-
-def _check_map(x, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")  # noqa: TRY004 (bad input: ValueError)
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {x.dtype}")
-    if min(x.shape[1:]) == 0:
-        raise ValueError(f"{name} has an empty channel or spatial dimension: {tuple(x.shape)}")
-
-
-def channel_pool(x: torch.Tensor) -> torch.Tensor:
-    """Channel max and mean of ``x`` ``[B, C, H, W]``: ``[B, 2, H, W]`` (index 0 max, 1 mean), in x's dtype.
-
-    CBAM's spatial-attention input. Any memory layout; NaN propagates to both maps; differentiable.
-    """
-    _check_map(x, "x")
-    if x.shape[0] == 0:
-        return channel_pool_reference(x)
-    return CHANNEL_POOL_OP([x], x)
+        differentiable=True)
 
 
 def _as_levels(tensors, name: str) -> list[torch.Tensor]:
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
-        raise ValueError(  # noqa: TRY004 (bad input: ValueError)
+        raise ValueError(
             f"{name} must be a list of [B, C, H, W] tensors, got {type(tensors).__name__}")
     if len(tensors) == 0:
         raise ValueError(f"{name} is empty: give at least one level")
     for level, x in enumerate(tensors):
-        _check_map(x, f"{name}[{level}]")
+        check_map(x, f"{name}[{level}]")
     return list(tensors)
 
 
@@ -183,22 +125,7 @@ def fuse_pyramid(features: Sequence[torch.Tensor], logits: Sequence[torch.Tensor
     return OP(features + logits, features, logits)
 
 
-def dense_like(x: torch.Tensor) -> torch.Tensor:
-    """The fast paths' output for input ``x``: empty, channels_last if x is channels_last only, else contiguous."""
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
 def _register_fake() -> None:
-    @torch.library.register_fake("dmgrd::channel_pool")
-    def _(x):
-        batch, _, height, width = x.shape
-        return x.new_empty((batch, 2, height, width)), x.new_empty((batch, height, width), dtype=torch.int32)
-
-    @torch.library.register_fake("dmgrd::channel_pool_backward")
-    def _(grad, x, pooled, ties):
-        return dense_like(x)
-
     @torch.library.register_fake("dmgrd::fuse_pyramid")
     def _(features, logits):
         return [dense_like(f) for f in features]

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from dmgrd import _extension
+from dmgrd.numerics import NORM_EPS, accumulation_dtype
 from dmgrd.ops._dispatch import BackendUnavailableError, Op, requested_backend
 
 METRICS = ("l2", "cosine")
-COSINE_EPS = 1e-12  # norms are clamped here, as torch.nn.functional.normalize does
 # The CUDA and Triton kernels keep the running top-k in registers; beyond this k they hand the call to the
 # reference (or raise BackendUnavailableError when the backend was forced). The CPU kernel takes any k.
 FAST_K_MAX = 16
@@ -23,8 +23,8 @@ _CHUNK_ELEMENTS = 1 << 24  # distance-matrix entries per chunk of queries in the
 
 
 def inverse_norms(rows: torch.Tensor) -> torch.Tensor:
-    """``1 / max(|row|, 1e-12)`` of every row of a 2-D tensor."""
-    return 1 / torch.linalg.vector_norm(rows, dim=1).clamp_min(COSINE_EPS)
+    """``1 / max(|row|, NORM_EPS)`` of every row of a 2-D tensor (as :func:`torch.nn.functional.normalize`)."""
+    return 1 / torch.linalg.vector_norm(rows, dim=1).clamp_min(NORM_EPS)
 
 
 def pairwise_distance_reference(query: torch.Tensor, bank: torch.Tensor, metric: str) -> torch.Tensor:
@@ -34,7 +34,7 @@ def pairwise_distance_reference(query: torch.Tensor, bank: torch.Tensor, metric:
     clamped at 1e-12 as :func:`torch.nn.functional.normalize` does. Both scale the raw products ``<q, m>``,
     so equal items give bit-equal distances whenever the products are exact (every backend computes them so).
     """
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(query.dtype)
     q, m = query.to(acc), bank.to(acc)
     if metric == "cosine":
         return 1 - (q @ m.T) * inverse_norms(q)[:, None] * inverse_norms(m)

@@ -17,15 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from dmgrd import _extension
+from dmgrd.numerics import NORM_EPS, accumulation_dtype
 from dmgrd.ops._dispatch import Op
 from dmgrd.ops.memory_nearest import check_query_bank
-
-NORM_EPS = 1e-12  # F.normalize's default
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def memory_readout_reference(query: torch.Tensor, bank: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -82,9 +76,9 @@ def _ext_memory_readout(query, bank, temperature):
 
 
 def _triton_memory_readout(query, bank, temperature):
-    from dmgrd.kernels.memory_readout import TRITON_KERNELS
+    from dmgrd.kernels.memory_readout import memory_readout_backward, memory_readout_forward
 
-    return _MemoryReadout.apply(query, bank, temperature, TRITON_KERNELS)
+    return _MemoryReadout.apply(query, bank, temperature, Kernels(memory_readout_forward, memory_readout_backward))
 
 
 OP = Op(

@@ -1,6 +1,6 @@
 """Triton greedy k-center step: squared distances to the new center, lowered ``min_dist`` and its argmax.
 
-Semantics are those of :func:`dmgrd.ops.coreset.coreset_update_reference`: float32 accumulation, NaN counts as
+Semantics are those of :func:`dmgrd.ops.coreset_update.coreset_update_reference`: float32 accumulation, NaN counts as
 the largest distance, equal distances resolve to the lowest index. The argmax compares int32 order keys, so
 both passes reduce with plain ``max`` and ``min``.
 """
@@ -25,7 +25,7 @@ def _order_key(x):
     x = tl.where(x == 0.0, 0.0, x)
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return tl.where(x != x, 0x7FFFFFFF, key)  # noqa: PLR0124 (x != x: NaN)
+    return tl.where(x != x, 0x7FFFFFFF, key)
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _update_kernel(points_ptr, center_ptr, min_ptr, new_min_ptr, block_key_ptr, 
         diff = p.to(tl.float32) - c.to(tl.float32)[None, :]
         dist += tl.sum(diff * diff, axis=1)
     old = tl.load(min_ptr + row, mask=row_mask, other=0.0)
-    new = tl.where((dist < old) | (dist != dist), dist, old)  # noqa: PLR0124 (minimum, NaN propagating)
+    new = tl.where((dist < old) | (dist != dist), dist, old)
     tl.store(new_min_ptr + row, new, mask=row_mask)
     key = tl.where(row_mask, _order_key(new), NO_KEY)
     top, best = _best(key, tl.where(row_mask, row.to(tl.int64), NO_ROW), NO_ROW)

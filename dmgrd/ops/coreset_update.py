@@ -13,14 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dmgrd import _extension
+from dmgrd.numerics import accumulation_dtype
 from dmgrd.ops._dispatch import Op
 
 _PROGRESS_WORK = 1 << 32  # points x features x steps above which greedy_coreset shows a progress bar
-
-
-def distance_dtype(points_dtype: torch.dtype) -> torch.dtype:
-    """dtype of the distances kept for ``points_dtype`` points: float64 for float64, else float32."""
-    return torch.float64 if points_dtype == torch.float64 else torch.float32
 
 
 def coreset_update_reference(points: torch.Tensor, center: torch.Tensor,
@@ -37,7 +33,7 @@ def _ext_coreset_update(points, center, min_dist):
 
 
 def _triton_coreset_update(points, center, min_dist):
-    from dmgrd.kernels.coreset import coreset_update_triton
+    from dmgrd.kernels.coreset_update import coreset_update_triton
 
     return coreset_update_triton(points, center, min_dist)
 
@@ -77,7 +73,7 @@ def coreset_update(points: torch.Tensor, center: torch.Tensor,
     if center.dtype != points.dtype or center.device != points.device:
         raise ValueError(f"center must share the points' device and dtype ({points.device}/{points.dtype}), got "
                          f"{center.device}/{center.dtype}")
-    acc = distance_dtype(points.dtype)
+    acc = accumulation_dtype(points.dtype)
     if not isinstance(min_dist, torch.Tensor) or min_dist.shape != points.shape[:1]:
         raise ValueError(f"min_dist must be a [N] = [{points.shape[0]}] tensor, got "
                          f"{getattr(min_dist, 'shape', type(min_dist).__name__)}")
@@ -90,9 +86,16 @@ def coreset_update(points: torch.Tensor, center: torch.Tensor,
 def random_projection(points: torch.Tensor, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Johnson-Lindenstrauss projection ``points @ R`` with ``R [D, dim]`` ~ N(0, 1/dim), drawn on the CPU from
     ``generator`` (so a seed gives the same matrix on every device); computed in the distance dtype."""
-    acc = distance_dtype(points.dtype)
+    acc = accumulation_dtype(points.dtype)
     matrix = torch.randn(points.shape[1], dim, generator=generator, dtype=acc) / math.sqrt(dim)
     return points.to(acc) @ matrix.to(points.device)
+
+
+def nearest_to_mean(points: torch.Tensor) -> int:
+    """Index of the point nearest the points' mean (the lowest on ties): a central first center for
+    :func:`greedy_coreset`."""
+    acc = points.to(accumulation_dtype(points.dtype))
+    return int((acc - acc.mean(0)).square().sum(1).argmin())
 
 
 def greedy_coreset(points: torch.Tensor, size: int, start: int = 0, projection_dim: int | None = None,
@@ -129,7 +132,7 @@ def greedy_coreset(points: torch.Tensor, size: int, start: int = 0, projection_d
         progress = count * points.shape[1] * size >= _PROGRESS_WORK
     selected = torch.empty(size, dtype=torch.long, device=points.device)
     farthest = torch.tensor(start, device=points.device)
-    min_dist = torch.full((count,), math.inf, dtype=distance_dtype(points.dtype), device=points.device)
+    min_dist = torch.full((count,), math.inf, dtype=accumulation_dtype(points.dtype), device=points.device)
     selected[0] = farthest
     # The next center stays a device tensor: no host synchronisation inside the loop.
     for step in tqdm(range(1, size), desc="greedy coreset", disable=not progress, dynamic_ncols=True):
