@@ -3,6 +3,8 @@ flood fill, one loop iteration per threshold); perfect and constant maps; bad in
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -100,7 +102,7 @@ def reference_pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[list[float
 def reference_area(xs: list[float], ys: list[float], limit: float) -> float:
     """Trapezoid area for x in [0, limit], cutting the segment that crosses the limit by linear interpolation."""
     area = 0.0
-    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:], strict=True):
+    for (x0, x1), (y0, y1) in zip(itertools.pairwise(xs), itertools.pairwise(ys), strict=True):
         if x0 >= limit:
             break
         if x1 > limit:
