@@ -23,23 +23,6 @@ from dmgrd.models import (
 )
 
 __all__ = [
-    "DMGRD",
-    "DRD",
-    "RD4AD",
-    "RDPP",
-    "DMGRDConfig",
-    "DRDConfig",
-    "MemKD",
-    "MemKDConfig",
-    "Prediction",
-    "RD4ADConfig",
-    "RDPPConfig",
-    "__version__",
-    "calibrate_thresholds",
-    "data",
-    "evaluate",
-    "fit",
-    "load",
-    "metrics",
-    "ops",
+    "DMGRD", "DRD", "RD4AD", "RDPP", "DMGRDConfig", "DRDConfig", "MemKD", "MemKDConfig", "Prediction", "RD4ADConfig",
+    "RDPPConfig", "__version__", "calibrate_thresholds", "data", "evaluate", "fit", "load", "metrics", "ops",
 ]

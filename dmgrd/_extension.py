@@ -6,8 +6,6 @@ extension is loaded only when that torch version equals the running one: a libra
 another torch can crash on load instead of failing cleanly.
 """
 
-from __future__ import annotations
-
 import importlib
 import json
 import os

@@ -5,8 +5,6 @@ An install maps the repository's top-level ``kernels/`` folder to the package ``
 no such subpackage; this registers ``kernels/`` under that name so both layouts import the same way.
 """
 
-from __future__ import annotations
-
 import importlib.util
 import sys
 from pathlib import Path

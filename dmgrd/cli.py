@@ -1,7 +1,5 @@
 """Command line: ``dmgrd train | test | predict | export | info | demo`` (also ``python -m dmgrd``)."""
 
-from __future__ import annotations
-
 import argparse
 import csv
 import importlib.metadata

@@ -1,8 +1,6 @@
 """Running trained models over data: predictions, metrics, decision thresholds, the validation split. The
 training loop is :func:`dmgrd.models.training.fit` (``model.fit``), re-exported here as ``engine.fit``."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

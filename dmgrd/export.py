@@ -1,7 +1,5 @@
 """Export of a trained model to ONNX: the model's own forward, traced with every op on its torch reference."""
 
-from __future__ import annotations
-
 import copy
 import importlib.util
 import warnings

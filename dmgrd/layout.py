@@ -1,8 +1,6 @@
 """Sizes and memory layouts shared by every layer: image sizes as ``(H, W)``, feature maps as pixel rows, and
 the layout the fast kernels write."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch

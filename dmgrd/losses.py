@@ -1,7 +1,5 @@
 """Losses of the reverse-distillation family (SPEC §1.5, §3.4, §4.5, §7.5)."""
 
-from __future__ import annotations
-
 import math
 
 import torch

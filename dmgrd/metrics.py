@@ -12,8 +12,6 @@ AUROC, F1-max and the official PRO curve are exact: one descending sort of all p
 curve point per distinct score.
 """
 
-from __future__ import annotations
-
 import numpy as np
 import torch
 from scipy import ndimage

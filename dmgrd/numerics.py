@@ -1,8 +1,6 @@
 """Numerical definitions shared by the torch references and the fast kernels (``csrc/common.h`` mirrors them
 for C++ and CUDA): norm clamps, accumulation dtypes, Gaussian taps."""
 
-from __future__ import annotations
-
 import functools
 from collections.abc import Iterable
 

@@ -1,7 +1,5 @@
 """Pictures of results: colour-mapped anomaly maps, overlays, result panels and ROC curves."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import matplotlib

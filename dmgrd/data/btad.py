@@ -4,8 +4,6 @@ Classes ``01`` (bmp images, png masks), ``02`` (png, png) and ``03`` (bmp, bmp).
 (as DM-GRD expects); both names are accepted.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from dmgrd.data.io import SampleDataset, Size

@@ -1,7 +1,5 @@
 """A user's own product: folders of normal images, optionally abnormal images and their masks."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from dmgrd.data.io import MaskFinder, Sample, SampleDataset, Size, images_in, require_dir

@@ -1,7 +1,5 @@
 """Reading images, masks and sample lists into float tensors and item dicts, with errors that name the file."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple

@@ -1,7 +1,5 @@
 """MVTec AD layout reader: ``<root>/<category>/{train/good, test/<defect>, ground_truth/<defect>/<name>_mask.png}``."""
 
-from __future__ import annotations
-
 from collections.abc import Collection
 from pathlib import Path
 

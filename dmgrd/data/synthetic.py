@@ -5,8 +5,6 @@ Everything is drawn from ``torch.Generator``s seeded by a stable hash, so item `
 ``(seed, category, split, i)`` and the image size, whoever reads it and in whatever order.
 """
 
-from __future__ import annotations
-
 import hashlib
 import math
 

@@ -1,7 +1,5 @@
 """Texture images (e.g. DTD) for DM-GRD's pseudo-anomalies, read from a folder."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import torch

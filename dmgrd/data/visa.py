@@ -6,8 +6,6 @@ Raw layout: ``split_csv/1cls.csv`` with columns ``object,split,label,image,mask`
 root and labels ``normal``/``anomaly``.
 """
 
-from __future__ import annotations
-
 import csv
 from pathlib import Path
 

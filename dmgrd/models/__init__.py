@@ -13,25 +13,7 @@ from dmgrd.models.reverse_distillation import ReverseDistillation
 from dmgrd.models.teacher import BACKBONES, Teacher, WeightsUnavailableError
 
 __all__ = [
-    "BACKBONES",
-    "DMGRD",
-    "DRD",
-    "METHODS",
-    "RD4AD",
-    "RDPP",
-    "AnomalyModel",
-    "DMGRDConfig",
-    "DRDConfig",
-    "MemKD",
-    "MemKDConfig",
-    "ModelConfig",
-    "NRMemory",
-    "Prediction",
-    "RD4ADConfig",
-    "RDPPConfig",
-    "ReverseDistillation",
-    "Teacher",
-    "WeightsUnavailableError",
-    "load",
-    "read_checkpoint",
+    "BACKBONES", "DMGRD", "DRD", "METHODS", "RD4AD", "RDPP", "AnomalyModel", "DMGRDConfig", "DRDConfig", "MemKD",
+    "MemKDConfig", "ModelConfig", "NRMemory", "Prediction", "RD4ADConfig", "RDPPConfig", "ReverseDistillation",
+    "Teacher", "WeightsUnavailableError", "load", "read_checkpoint",
 ]

@@ -1,8 +1,6 @@
 """Bottlenecks that fuse the teacher pyramid into one compact code: RD4AD's one-class bottleneck embedding
 (OCBE) and DRD's multi-feature cascade fusion (MFCF)."""
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 

@@ -1,8 +1,6 @@
 """The checkpoint file: one ``torch.save`` dict with a format tag and version, written atomically and read without
 unpickling code. Which model a file rebuilds is :mod:`dmgrd.models.loading`'s business."""
 
-from __future__ import annotations
-
 import os
 import pickle
 import tempfile

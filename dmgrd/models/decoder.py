@@ -1,7 +1,5 @@
 """Student decoder: the teacher's stages mirrored, upsampling from the bottleneck code to three levels."""
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 
 import torch

@@ -7,8 +7,6 @@ apart. ``preset="official"`` reproduces every number-changing behaviour of the a
 ``preset="clean"`` (default) is the principled version (SPEC §4, §5).
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import ClassVar
 

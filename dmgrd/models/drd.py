@@ -8,8 +8,6 @@ standard one and the image score is refined by the most uniform level (SPEC §7)
 reproduces the authors' code; ``preset="clean"`` (default) is the principled version.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import ClassVar
 

@@ -1,8 +1,6 @@
 """Multi-scale feature fusion (MSFF, SPEC §4.4): DM-GRD's module that merges the memory-guided features
 ``[F_l, (M_l - F_l)^2]`` of three levels into teacher-shaped features for the student."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn

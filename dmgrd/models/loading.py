@@ -1,8 +1,6 @@
 """Rebuilding a model from its checkpoint: the method's class from the registry, its saved configuration, then
 its weights and data-built state (:mod:`dmgrd.models.state`) checked against what the class declares."""
 
-from __future__ import annotations
-
 import math
 from pathlib import Path
 

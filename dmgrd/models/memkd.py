@@ -14,8 +14,6 @@ trained with
 Inference is RD4AD's.
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar

@@ -2,8 +2,6 @@
 (or, for patch memory, the nearest patch) for each query, and the memory-guided input ``[F_l, (M_l - F_l)^2]``
 of the fusion module."""
 
-from __future__ import annotations
-
 import functools
 import math
 from collections.abc import Callable, Sequence

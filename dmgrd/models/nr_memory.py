@@ -5,8 +5,6 @@ from the paper's abstract only, *unverified against the paper*: the design is th
 SPEC §6, whose every choice (addressing, temperature, shrinkage, fusion, initialisation) is a hypothesis.
 """
 
-from __future__ import annotations
-
 import math
 
 import torch

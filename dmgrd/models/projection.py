@@ -1,7 +1,5 @@
 """RD++ feature projections (SPEC §3.2): one trainable bottleneck of 3x3 convolutions per teacher level."""
 
-from __future__ import annotations
-
 from itertools import pairwise
 
 import torch

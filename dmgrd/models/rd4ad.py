@@ -1,7 +1,5 @@
 """RD4AD (Deng & Li, CVPR 2022): teacher -> one-class bottleneck -> student decoder, cosine KD loss."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import ClassVar
 

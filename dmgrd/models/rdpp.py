@@ -8,8 +8,6 @@ the clean one (L_recon), to push the projected clean features away from the raw 
 the projected feature distributions of different images alike (L_ssot, optimal transport).
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import ClassVar
 

@@ -1,8 +1,6 @@
 """ResNet blocks for the trainable parts of reverse distillation: encoder blocks (torchvision's) for the
 one-class bottleneck and their transposed twins for the student decoder (RD4AD's ``de_resnet``)."""
 
-from __future__ import annotations
-
 from typing import Any
 
 from torch import nn

@@ -1,8 +1,6 @@
 """The reverse-distillation core every method builds on: frozen teacher -> bottleneck -> student decoder, scored
 by the per-pixel cosine distance of teacher and student pyramids (:func:`dmgrd.ops.anomaly_map`)."""
 
-from __future__ import annotations
-
 from typing import Any, ClassVar
 
 import torch

@@ -7,8 +7,6 @@ syncing them every step), and checkpoints record their names, so a new or rename
 neither stay rank-local nor go missing from a file unnoticed.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 

@@ -1,8 +1,6 @@
 """The training loop behind ``model.fit`` and :func:`dmgrd.fit`: reproducible batches, the learning-rate schedule,
 atomic checkpoints with resume, and distributed training (DDP over ``torchrun``'s process group)."""
 
-from __future__ import annotations
-
 import hashlib
 import math
 from collections.abc import Iterator

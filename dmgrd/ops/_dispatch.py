@@ -149,6 +149,28 @@ class Op:
         return self.implementation(self.select(tensors))(*args)
 
 
+def extension_op(name: str) -> Callable:
+    """A call of the extension's ``torch.ops.dmgrd.<name>``, looked up per call (the extension may be absent)."""
+    return lambda *args: getattr(torch.ops.dmgrd, name)(*args)
+
+
+def triton_kernel(module: str, function: str) -> Callable:
+    """A call of ``dmgrd.kernels.<module>.<function>``, imported when first called (Triton may be absent)."""
+    return lambda *args: getattr(importlib.import_module(f"dmgrd.kernels.{module}"), function)(*args)
+
+
+def register_fake(name: str) -> Callable[[Callable], Callable]:
+    """``torch.library.register_fake`` of ``dmgrd::<name>`` (the shapes of its outputs, for ``torch.compile``)
+    when the extension, which defines the schema, is loaded."""
+
+    def decorate(fn: Callable) -> Callable:
+        if _extension.loaded():
+            torch.library.register_fake(f"dmgrd::{name}")(fn)
+        return fn
+
+    return decorate
+
+
 @dataclass(frozen=True)
 class BackendStatus:
     """Whether a backend can run here, on which devices, and why not where it cannot."""

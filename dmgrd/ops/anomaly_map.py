@@ -9,8 +9,6 @@ Gaussian of standard deviation ``sigma`` with :func:`scipy.ndimage.gaussian_filt
 :func:`anomaly_map_reference` is the definition; the C++, CUDA and Triton backends are checked against it.
 """
 
-from __future__ import annotations
-
 import functools
 import math
 from collections.abc import Sequence
@@ -18,10 +16,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from dmgrd import _extension
 from dmgrd.layout import size_pair
 from dmgrd.numerics import COSINE_EPS, accumulation_dtype, gaussian_weights
-from dmgrd.ops._dispatch import Op
+from dmgrd.ops._dispatch import Op, extension_op, register_fake, triton_kernel
 
 REDUCTIONS = ("sum", "mean", "mul")
 
@@ -122,23 +119,8 @@ def check_feature_pairs(teacher_feats, student_feats) -> tuple[list[torch.Tensor
     return out_t, out_s
 
 
-def _ext_anomaly_map(teacher, student, out_size, reduce, sigma):
-    return torch.ops.dmgrd.anomaly_map(teacher, student, list(out_size), reduce, sigma)
-
-
-def _triton_anomaly_map(teacher, student, out_size, reduce, sigma):
-    from dmgrd.kernels.anomaly_map import anomaly_map_triton
-
-    return anomaly_map_triton(teacher, student, out_size, reduce, sigma)
-
-
-OP = Op(
-    "anomaly_map",
-    reference=anomaly_map_reference,
-    ext=_ext_anomaly_map,
-    triton=_triton_anomaly_map,
-    triton_dtypes=(torch.float16, torch.bfloat16, torch.float32),
-)
+OP = Op("anomaly_map", reference=anomaly_map_reference, ext=extension_op("anomaly_map"),
+        triton=triton_kernel("anomaly_map", "anomaly_map_triton"))
 
 
 def anomaly_map(
@@ -172,12 +154,7 @@ def anomaly_map(
     return OP(teacher + student, teacher, student, size, reduce, sigma)
 
 
-def _register_fake() -> None:
-    @torch.library.register_fake("dmgrd::anomaly_map")
-    def _(teacher, student, out_size, reduce, sigma):
-        dtype = accumulation_dtype(teacher[0].dtype)
-        return teacher[0].new_empty((teacher[0].shape[0], 1, out_size[0], out_size[1]), dtype=dtype)
-
-
-if _extension.loaded():
-    _register_fake()
+@register_fake("anomaly_map")
+def _anomaly_map_shapes(teacher, student, out_size, reduce, sigma):
+    dtype = accumulation_dtype(teacher[0].dtype)
+    return teacher[0].new_empty((teacher[0].shape[0], 1, out_size[0], out_size[1]), dtype=dtype)

@@ -4,16 +4,13 @@ passes its gradient to the channels that reach it, split evenly among ties (as `
 backends compute in float32 (float64 for float64 inputs) and round once.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from dmgrd import _extension
 from dmgrd.layout import dense_like
-from dmgrd.ops._dispatch import Op
+from dmgrd.ops._dispatch import Op, register_fake
 
 
 def channel_pool_reference(x: torch.Tensor) -> torch.Tensor:
@@ -75,16 +72,12 @@ def channel_pool(x: torch.Tensor) -> torch.Tensor:
     return OP([x], x)
 
 
-def _register_fake() -> None:
-    @torch.library.register_fake("dmgrd::channel_pool")
-    def _(x):
-        batch, _, height, width = x.shape
-        return x.new_empty((batch, 2, height, width)), x.new_empty((batch, height, width), dtype=torch.int32)
-
-    @torch.library.register_fake("dmgrd::channel_pool_backward")
-    def _(grad, x, pooled, ties):
-        return dense_like(x)
+@register_fake("channel_pool")
+def _channel_pool_shapes(x):
+    batch, _, height, width = x.shape
+    return x.new_empty((batch, 2, height, width)), x.new_empty((batch, height, width), dtype=torch.int32)
 
 
-if _extension.loaded():
-    _register_fake()
+@register_fake("channel_pool_backward")
+def _channel_pool_backward_shapes(grad, x, pooled, ties):
+    return dense_like(x)

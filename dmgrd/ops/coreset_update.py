@@ -5,16 +5,13 @@ lowers each point's distance to the selection so far, and the farthest point bec
 :func:`greedy_coreset` repeats it; on the C++/CUDA/Triton backends each step is one pass over the points.
 """
 
-from __future__ import annotations
-
 import math
 
 import torch
 from tqdm.auto import tqdm
 
-from dmgrd import _extension
 from dmgrd.numerics import accumulation_dtype
-from dmgrd.ops._dispatch import Op
+from dmgrd.ops._dispatch import Op, extension_op, register_fake, triton_kernel
 
 _PROGRESS_WORK = 1 << 32  # points x features x steps above which greedy_coreset shows a progress bar
 
@@ -28,18 +25,8 @@ def coreset_update_reference(points: torch.Tensor, center: torch.Tensor,
     return new_min, torch.argmax(new_min)
 
 
-def _ext_coreset_update(points, center, min_dist):
-    return torch.ops.dmgrd.coreset_update(points, center, min_dist)
-
-
-def _triton_coreset_update(points, center, min_dist):
-    from dmgrd.kernels.coreset_update import coreset_update_triton
-
-    return coreset_update_triton(points, center, min_dist)
-
-
-OP = Op("coreset_update", reference=coreset_update_reference, ext=_ext_coreset_update,
-        triton=_triton_coreset_update)
+OP = Op("coreset_update", reference=coreset_update_reference, ext=extension_op("coreset_update"),
+        triton=triton_kernel("coreset_update", "coreset_update_triton"))
 
 
 def _check_points(points: torch.Tensor) -> None:
@@ -141,11 +128,6 @@ def greedy_coreset(points: torch.Tensor, size: int, start: int = 0, projection_d
     return selected
 
 
-def _register_fake() -> None:
-    @torch.library.register_fake("dmgrd::coreset_update")
-    def _(points, center, min_dist):
-        return torch.empty_like(min_dist), min_dist.new_empty((), dtype=torch.long)
-
-
-if _extension.loaded():
-    _register_fake()
+@register_fake("coreset_update")
+def _coreset_update_shapes(points, center, min_dist):
+    return torch.empty_like(min_dist), min_dist.new_empty((), dtype=torch.long)

@@ -10,8 +10,6 @@ row, ``dL/dS = a·T + b_s·S`` and ``dL/dT = a·S + b_t·T``; the backward pass 
 writes the gradients. :func:`cosine_kd_loss_reference` is the definition they are tested against.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -19,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from dmgrd import _extension
 from dmgrd.layout import cosine_rows, dense_format
 from dmgrd.numerics import accumulation_dtype, level_sum
-from dmgrd.ops._dispatch import Op
+from dmgrd.ops._dispatch import Op, register_fake
 from dmgrd.ops.anomaly_map import check_feature_pairs
 
 REDUCTIONS = ("flatten", "pixel")
@@ -134,19 +131,15 @@ def _empty_in_layout_of(x: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dense_format(student))
 
 
-def _register_fake() -> None:
-    @torch.library.register_fake("dmgrd::cosine_kd_loss_forward")
-    def _(teacher, student, reduction):
-        dtype = accumulation_dtype(teacher[0].dtype)
-        loss = teacher[0].new_empty((), dtype=dtype)
-        return loss, teacher[0].new_empty((cosine_rows(teacher, reduction), 3), dtype=dtype)
-
-    @torch.library.register_fake("dmgrd::cosine_kd_loss_backward")
-    def _(grad, teacher, student, coeffs, reduction, teacher_grad):
-        grads_s = [_empty_in_layout_of(s, s) for s in student]
-        grads_t = [_empty_in_layout_of(t, s) for t, s in zip(teacher, student, strict=True)] if teacher_grad else []
-        return grads_s, grads_t
+@register_fake("cosine_kd_loss_forward")
+def _cosine_kd_loss_forward_shapes(teacher, student, reduction):
+    dtype = accumulation_dtype(teacher[0].dtype)
+    loss = teacher[0].new_empty((), dtype=dtype)
+    return loss, teacher[0].new_empty((cosine_rows(teacher, reduction), 3), dtype=dtype)
 
 
-if _extension.loaded():
-    _register_fake()
+@register_fake("cosine_kd_loss_backward")
+def _cosine_kd_loss_backward_shapes(grad, teacher, student, coeffs, reduction, teacher_grad):
+    grads_s = [_empty_in_layout_of(s, s) for s in student]
+    grads_t = [_empty_in_layout_of(t, s) for t, s in zip(teacher, student, strict=True)] if teacher_grad else []
+    return grads_s, grads_t

@@ -5,14 +5,11 @@ with two banks and k = 1) and share one autograd function whose backward applies
 (l2: ``2 (q - m)``; cosine: ``(cos q / |q| - m / |m|) / |q|``) at the gathered nearest items.
 """
 
-from __future__ import annotations
-
 import torch
 from torch.autograd.function import once_differentiable
 
-from dmgrd import _extension
 from dmgrd.numerics import NORM_EPS, accumulation_dtype
-from dmgrd.ops._dispatch import Op
+from dmgrd.ops._dispatch import Op, extension_op, register_fake, triton_kernel
 from dmgrd.ops.memory_nearest import (
     check_metric,
     check_query_bank,
@@ -86,27 +83,16 @@ class _DualMemoryMargin(torch.autograd.Function):
         return None, grad_query, *grad_banks, None, None
 
 
-def _ext_search(query, normal_bank, abnormal_bank, margin, metric):
-    return torch.ops.dmgrd.dual_memory_margin(query, normal_bank, abnormal_bank, margin, metric)
-
-
-def _triton_search(query, normal_bank, abnormal_bank, margin, metric):
-    from dmgrd.kernels.dual_memory_margin import dual_memory_margin_triton
-
-    return dual_memory_margin_triton(query, normal_bank, abnormal_bank, margin, metric)
-
-
-def _ext_dual_memory_margin(query, normal_bank, abnormal_bank, margin, metric):
-    return _DualMemoryMargin.apply(_ext_search, query, normal_bank, abnormal_bank, margin, metric)
-
-
-def _triton_dual_memory_margin(query, normal_bank, abnormal_bank, margin, metric):
-    return _DualMemoryMargin.apply(_triton_search, query, normal_bank, abnormal_bank, margin, metric)
+def _through(search):
+    """The op run by ``search`` (one backend's two-bank nearest search) inside the shared autograd function."""
+    return lambda *args: _DualMemoryMargin.apply(search, *args)
 
 
 # Triton first on CUDA: tl.dot tiles use tensor cores, the CUDA kernel is a plain shared-memory tiling.
-OP = Op("dual_memory_margin", reference=dual_memory_margin_reference, ext=_ext_dual_memory_margin,
-        triton=_triton_dual_memory_margin, cuda_order=("triton", "ext"), differentiable=True)
+OP = Op("dual_memory_margin", reference=dual_memory_margin_reference,
+        ext=_through(extension_op("dual_memory_margin")),
+        triton=_through(triton_kernel("dual_memory_margin", "dual_memory_margin_triton")),
+        cuda_order=("triton", "ext"), differentiable=True)
 
 
 def dual_memory_margin(query: torch.Tensor, normal_bank: torch.Tensor, abnormal_bank: torch.Tensor,
@@ -136,14 +122,9 @@ def dual_memory_margin(query: torch.Tensor, normal_bank: torch.Tensor, abnormal_
     return OP([query, normal_bank, abnormal_bank], query, normal_bank, abnormal_bank, float(margin), metric)
 
 
-def _register_fake() -> None:
-    @torch.library.register_fake("dmgrd::dual_memory_margin")
-    def _(query, normal_bank, abnormal_bank, margin, metric):
-        rows = query.shape[0]
-        index = query.new_empty((rows,), dtype=torch.long)
-        return (query.new_empty((rows,)), query.new_empty((rows,)), index, torch.empty_like(index),
-                query.new_empty((rows,)))
-
-
-if _extension.loaded():
-    _register_fake()
+@register_fake("dual_memory_margin")
+def _dual_memory_margin_shapes(query, normal_bank, abnormal_bank, margin, metric):
+    rows = query.shape[0]
+    index = query.new_empty((rows,), dtype=torch.long)
+    return (query.new_empty((rows,)), query.new_empty((rows,)), index, torch.empty_like(index),
+            query.new_empty((rows,)))

@@ -11,8 +11,6 @@ Differentiable in every backend, with the reference's gradients. The fast backen
 (float64 for float64 inputs) and round once; the reference rounds each step.
 """
 
-from __future__ import annotations
-
 import functools
 from collections.abc import Callable, Sequence
 
@@ -20,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from dmgrd import _extension
 from dmgrd.layout import dense_like
-from dmgrd.ops._dispatch import Op
+from dmgrd.ops._dispatch import Op, register_fake
 from dmgrd.ops.channel_pool import check_map
 
 
@@ -125,16 +122,12 @@ def fuse_pyramid(features: Sequence[torch.Tensor], logits: Sequence[torch.Tensor
     return OP(features + logits, features, logits)
 
 
-def _register_fake() -> None:
-    @torch.library.register_fake("dmgrd::fuse_pyramid")
-    def _(features, logits):
-        return [dense_like(f) for f in features]
-
-    @torch.library.register_fake("dmgrd::fuse_pyramid_backward")
-    def _(grads, features, logits):
-        grad_logits = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in logits]
-        return [dense_like(f) for f in features], grad_logits
+@register_fake("fuse_pyramid")
+def _fuse_pyramid_shapes(features, logits):
+    return [dense_like(f) for f in features]
 
 
-if _extension.loaded():
-    _register_fake()
+@register_fake("fuse_pyramid_backward")
+def _fuse_pyramid_backward_shapes(grads, features, logits):
+    grad_logits = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in logits]
+    return [dense_like(f) for f in features], grad_logits

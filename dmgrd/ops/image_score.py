@@ -1,11 +1,8 @@
 """Image-level anomaly score from an anomaly map: the maximum, or the mean of the ``k`` largest pixels."""
 
-from __future__ import annotations
-
 import torch
 
-from dmgrd import _extension
-from dmgrd.ops._dispatch import Op
+from dmgrd.ops._dispatch import Op, extension_op, register_fake, triton_kernel
 
 MODES = ("max", "topk_mean")
 
@@ -18,17 +15,8 @@ def image_score_reference(anomaly_map: torch.Tensor, mode: str = "max", k: int =
     return flat.topk(k, dim=1).values.mean(1)
 
 
-def _ext_image_score(maps, mode, k):
-    return torch.ops.dmgrd.image_score(maps, mode, k)
-
-
-def _triton_image_score(maps, mode, k):
-    from dmgrd.kernels.image_score import image_score_triton
-
-    return image_score_triton(maps, mode, k)
-
-
-OP = Op("image_score", reference=image_score_reference, ext=_ext_image_score, triton=_triton_image_score)
+OP = Op("image_score", reference=image_score_reference, ext=extension_op("image_score"),
+        triton=triton_kernel("image_score", "image_score_triton"))
 
 
 def image_score(anomaly_map: torch.Tensor, mode: str = "max", k: int = 100) -> torch.Tensor:
@@ -64,11 +52,6 @@ def image_score(anomaly_map: torch.Tensor, mode: str = "max", k: int = 100) -> t
     return OP([anomaly_map], anomaly_map, mode, int(k))
 
 
-def _register_fake() -> None:
-    @torch.library.register_fake("dmgrd::image_score")
-    def _(anomaly_map, mode, k):
-        return anomaly_map.new_empty((anomaly_map.shape[0],))
-
-
-if _extension.loaded():
-    _register_fake()
+@register_fake("image_score")
+def _image_score_shapes(anomaly_map, mode, k):
+    return anomaly_map.new_empty((anomaly_map.shape[0],))

@@ -7,13 +7,10 @@ in registers; for few queries and items but a huge ``D`` (image-level search) th
 backend ranks like ``torch.sort(stable=True)``: equal distances by the lower index, NaN last.
 """
 
-from __future__ import annotations
-
 import torch
 
-from dmgrd import _extension
 from dmgrd.numerics import NORM_EPS, accumulation_dtype
-from dmgrd.ops._dispatch import BackendUnavailableError, Op, requested_backend
+from dmgrd.ops._dispatch import BackendUnavailableError, Op, register_fake, requested_backend, triton_kernel
 
 METRICS = ("l2", "cosine")
 # The CUDA and Triton kernels keep the running top-k in registers; beyond this k they hand the call to the
@@ -72,9 +69,7 @@ def _ext_memory_nearest(query, bank, k, metric):
 def _triton_memory_nearest(query, bank, k, metric):
     if k > FAST_K_MAX:
         return _beyond_fast_k("triton", query, bank, k, metric)
-    from dmgrd.kernels.memory_nearest import memory_nearest_triton
-
-    return memory_nearest_triton(query, bank, k, metric)
+    return triton_kernel("memory_nearest", "memory_nearest_triton")(query, bank, k, metric)
 
 
 # Triton first on CUDA: tl.dot tiles use tensor cores, the CUDA kernel is a plain shared-memory tiling.
@@ -131,12 +126,7 @@ def memory_nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1,
     return OP([query, bank], query, bank, int(k), metric)
 
 
-def _register_fake() -> None:
-    @torch.library.register_fake("dmgrd::memory_nearest")
-    def _(query, bank, k, metric):
-        rows = query.shape[0]
-        return query.new_empty((rows, k)), query.new_empty((rows, k), dtype=torch.long)
-
-
-if _extension.loaded():
-    _register_fake()
+@register_fake("memory_nearest")
+def _memory_nearest_shapes(query, bank, k, metric):
+    rows = query.shape[0]
+    return query.new_empty((rows, k)), query.new_empty((rows, k), dtype=torch.long)

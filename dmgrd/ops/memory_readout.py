@@ -8,17 +8,14 @@ logsumexp and norm; backward recomputes the attention from them (flash-attention
 gradients for the queries and for the bank, which enters both as keys (normalised) and as values (raw).
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from dmgrd import _extension
 from dmgrd.numerics import NORM_EPS, accumulation_dtype
-from dmgrd.ops._dispatch import Op
+from dmgrd.ops._dispatch import Op, register_fake
 from dmgrd.ops.memory_nearest import check_query_bank
 
 
@@ -109,16 +106,12 @@ def memory_readout(query: torch.Tensor, bank: torch.Tensor, temperature: float =
     return OP([query, bank], query, bank, float(temperature))
 
 
-def _register_fake() -> None:
-    @torch.library.register_fake("dmgrd::memory_readout")
-    def _(query, bank, temperature):
-        rows = query.new_empty((query.shape[0],), dtype=accumulation_dtype(query.dtype))
-        return query.new_empty(query.shape), rows, torch.empty_like(rows)
-
-    @torch.library.register_fake("dmgrd::memory_readout_backward")
-    def _(grad_out, query, bank, out, lse, query_norm, temperature):
-        return query.new_empty(query.shape), bank.new_empty(bank.shape)
+@register_fake("memory_readout")
+def _memory_readout_shapes(query, bank, temperature):
+    rows = query.new_empty((query.shape[0],), dtype=accumulation_dtype(query.dtype))
+    return query.new_empty(query.shape), rows, torch.empty_like(rows)
 
 
-if _extension.loaded():
-    _register_fake()
+@register_fake("memory_readout_backward")
+def _memory_readout_backward_shapes(grad_out, query, bank, out, lse, query_norm, temperature):
+    return query.new_empty(query.shape), bank.new_empty(bank.shape)

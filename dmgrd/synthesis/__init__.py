@@ -15,19 +15,7 @@ from dmgrd.synthesis.simplex import fractal_simplex3, simplex_noise3, simplex_pa
 from dmgrd.synthesis.textures import procedural_textures
 
 __all__ = [
-    "BLEND_MODES",
-    "AnomalySynthesizer",
-    "blend",
-    "color_distance",
-    "cutpaste_sides",
-    "fourier_mix",
-    "fractal_simplex3",
-    "perlin_mask",
-    "perlin_noise",
-    "procedural_textures",
-    "rotate_maps",
-    "self_cutpaste",
-    "simplex_noise3",
-    "simplex_patch",
-    "simplex_permutations",
+    "BLEND_MODES", "AnomalySynthesizer", "blend", "color_distance", "cutpaste_sides", "fourier_mix", "fractal_simplex3",
+    "perlin_mask", "perlin_noise", "procedural_textures", "rotate_maps", "self_cutpaste", "simplex_noise3",
+    "simplex_patch", "simplex_permutations",
 ]

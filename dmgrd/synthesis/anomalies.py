@@ -1,7 +1,5 @@
 """DM-GRD's pseudo-anomalies: a Perlin mask, Fourier mixing with a random texture, then a blend (SPEC §4.2)."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 

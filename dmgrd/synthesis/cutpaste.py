@@ -1,7 +1,5 @@
 """DRD's self cut-paste pseudo-anomalies and their soft masks (SPEC §7.1, §7.2)."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch

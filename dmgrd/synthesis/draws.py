@@ -2,8 +2,6 @@
 and numpy RNGs are never used) and happens on the generator's device, so the same seed gives the same draws
 whether the images live on a CPU or a GPU."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch

@@ -1,7 +1,5 @@
 """Fourier amplitude mixing of images with textures, and the blends that paste the mix inside a mask (SPEC §4.2)."""
 
-from __future__ import annotations
-
 import math
 
 import torch

@@ -1,7 +1,5 @@
 """Perlin noise and DM-GRD's thresholded, rotated Perlin masks (SPEC §4.2), batched on the images' device."""
 
-from __future__ import annotations
-
 import math
 from collections.abc import Sequence
 

@@ -1,7 +1,5 @@
 """RD++'s simplex-noise patches (SPEC §3.3): batched 3-D simplex noise, its fractal sum, and noisy rectangles."""
 
-from __future__ import annotations
-
 import torch
 
 SIMPLEX_PERIOD = 256

@@ -1,8 +1,6 @@
 """Procedural textures (fractal Perlin noise between two colours): DM-GRD's texture source without a texture folder,
 and the built-in Synthetic data's backgrounds."""
 
-from __future__ import annotations
-
 import noise
 import numpy as np
 import torch
