@@ -6,6 +6,7 @@
 
 from dmgrd import _source_tree, data, metrics, ops  # noqa: F401  (_source_tree: dmgrd.kernels in a checkout)
 from dmgrd._version import __version__
+from dmgrd.benchmarking import benchmark
 from dmgrd.engine import calibrate_thresholds, evaluate, fit
 from dmgrd.models import (
     DMGRD,
@@ -16,6 +17,8 @@ from dmgrd.models import (
     DRDConfig,
     MemKD,
     MemKDConfig,
+    PatchCore,
+    PatchCoreConfig,
     Prediction,
     RD4ADConfig,
     RDPPConfig,
@@ -23,6 +26,7 @@ from dmgrd.models import (
 )
 
 __all__ = [
-    "DMGRD", "DRD", "RD4AD", "RDPP", "DMGRDConfig", "DRDConfig", "MemKD", "MemKDConfig", "Prediction", "RD4ADConfig",
-    "RDPPConfig", "__version__", "calibrate_thresholds", "data", "evaluate", "fit", "load", "metrics", "ops",
+    "DMGRD", "DRD", "RD4AD", "RDPP", "DMGRDConfig", "DRDConfig", "MemKD", "MemKDConfig", "PatchCore", "PatchCoreConfig",
+    "Prediction", "RD4ADConfig", "RDPPConfig", "__version__", "benchmark", "calibrate_thresholds", "data", "evaluate",
+    "fit", "load", "metrics", "ops",
 ]

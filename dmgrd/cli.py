@@ -1,4 +1,4 @@
-"""Command line: ``dmgrd train | test | predict | export | info | demo`` (also ``python -m dmgrd``)."""
+"""Command line: ``dmgrd train | test | predict | export | benchmark | info | demo`` (also ``python -m dmgrd``)."""
 
 import argparse
 import csv
@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from dmgrd import engine, models, ops, visualize
+from dmgrd import benchmarking, engine, models, ops, visualize
 from dmgrd._version import __version__
 from dmgrd.data import BTAD, Folder, MVTecAD, Synthetic, VisA, read_image
 from dmgrd.data.io import list_images
 from dmgrd.export import export_onnx
+from dmgrd.layout import parse_size
 from dmgrd.metrics import compute_metrics
 from dmgrd.models import METHODS
 from dmgrd.models.checkpoint import read_payload
@@ -155,6 +156,19 @@ def export(args) -> int:
     return 0
 
 
+def benchmark(args) -> int:
+    """Train and evaluate a grid of data sets x methods x variants x seeds (resumable); print the summary."""
+    variants = dict(map(benchmarking.parse_variant, args.variant)) if args.variant else {
+        preset: {"preset": preset} for preset in args.presets.split(",")}
+    budget = benchmarking.Budget(args.backbone, args.weights, args.image_size, args.steps, args.batch_size,
+                                 args.device)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    benchmarking.benchmark(args.data, args.methods.split(","), args.out, seeds, variants, budget,
+                           isolate=not args.in_process)
+    print((Path(args.out) / "summary.md").read_text())
+    return 0
+
+
 def info(args=None) -> int:
     """Print versions, devices, and per op and backend whether it runs here or why not."""
     print(f"dmgrd {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
@@ -184,12 +198,23 @@ def demo(args) -> int:
             "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
     print(f"\ntraining DM-GRD on the built-in Synthetic '{args.category}' data ({args.steps} steps) ...")
     main(["train", *base, "--method", "dmgrd", "--backbone", "efficientnet_lite0", "--image-size",
-          str(args.image_size), "--steps", str(args.steps), "--out", str(out)])
+          _size_text(args.image_size), "--steps", str(args.steps), "--out", str(out)])
     print("\nevaluating on the Synthetic test split ...")
     return main(["test", *base, "--checkpoint", str(out / CHECKPOINT_NAME), "--out", str(out / "test")])
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
+
+def _size(text: str) -> int | tuple[int, int]:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _size_text(size: int | tuple[int, int]) -> str:
+    return str(size) if isinstance(size, int) else f"{size[0]}x{size[1]}"
+
 
 def _version(package: str) -> str:
     try:
@@ -258,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="wide_resnet50_2")
     p.add_argument("--weights", default="imagenet", help='"imagenet", a .pth file, or "none"')
     p.add_argument("--preset", choices=["clean", "official"], default="clean")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=_size, default=256, help="N (square) or HxW, e.g. 640x256")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--textures", help="DM-GRD: texture folder (DTD layout); default: procedural textures")
     p.add_argument("--val-fraction", type=float, default=0.1, help="normal training images held out for thresholds")
@@ -292,13 +317,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(handler=export)
 
+    p = commands.add_parser("benchmark", help="train and evaluate a grid of methods x data sets x seeds")
+    p.add_argument("--data", action="append", required=True,
+                   help="a category folder in the MVTec AD layout, or synthetic:texture / synthetic:object "
+                        "(repeatable)")
+    p.add_argument("--methods", default="rd4ad,dmgrd", help=f"comma-separated, of {', '.join(sorted(METHODS))}")
+    p.add_argument("--presets", default="clean", help="comma-separated presets, one variant each")
+    p.add_argument("--variant", action="append",
+                   help="name:key=value,... config options of one variant (repeatable; replaces --presets)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--weights", default="imagenet", help='"imagenet", a .pth file, or "none"')
+    p.add_argument("--image-size", type=_size, default=256, help="N (square) or HxW, e.g. 640x256")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the cells in this process (faster start; peak memory is then the whole run's)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=benchmark)
+
     p = commands.add_parser("info", help="backends, devices and versions")
     p.set_defaults(handler=info)
 
     p = commands.add_parser("demo", help="train and evaluate DM-GRD on built-in synthetic data")
     _common(p)
     p.add_argument("--category", choices=["texture", "object"], default="texture")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=_size, default=64, help="N (square) or HxW")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", default="dmgrd-demo")
     p.set_defaults(handler=demo)

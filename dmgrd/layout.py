@@ -21,6 +21,15 @@ def size_pair(size: int | Sequence[int], name: str = "size") -> tuple[int, int]:
     return height, width
 
 
+def parse_size(text: str) -> int | tuple[int, int]:
+    """An image size from the command line: ``"256"`` (square) or ``"640x256"`` (height x width)."""
+    height, sep, width = text.lower().partition("x")
+    try:
+        return size_pair((int(height), int(width)), "image size") if sep else size_pair(int(height))[0]
+    except ValueError:
+        raise ValueError(f"image size must be N or HxW with positive integers, got {text!r}") from None
+
+
 def pixel_rows(x: torch.Tensor) -> torch.Tensor:
     """``[B * H * W, C]``: one row per pixel of the ``[B, C, H, W]`` map ``x`` (ordered by image, then pixel)."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])

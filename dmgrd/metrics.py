@@ -94,6 +94,20 @@ def pro_per_image_rd(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3, 
     return float(np.mean([_rd_image_pro(maps[i], masks[i], fpr_limit, num_thresholds, i) for i in anomalous.tolist()]))
 
 
+def roc_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The exact image ROC curve ``(FPR, TPR)`` over every distinct score, from (0, 0) to (1, 1)."""
+    scores, labels = _scores_and_labels(scores, labels)
+    if labels.all() or not labels.any():
+        raise ValueError("labels contain a single class; the ROC curve is undefined")
+    true_pos, false_pos = _cumulative_at_thresholds(scores, labels, ~labels)
+    return np.r_[0.0, false_pos / false_pos[-1]], np.r_[0.0, true_pos / true_pos[-1]]
+
+
+def pro_curve(maps: ArrayLike, masks: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The exact official per-region-overlap curve ``(FPR, PRO)`` (the curve :func:`aupro` integrates)."""
+    return _pro_curve(*_maps_and_masks(maps, masks))
+
+
 def compute_metrics(scores: ArrayLike, labels: ArrayLike, maps: ArrayLike, masks: ArrayLike,
                     fpr_limit: float = 0.3) -> dict[str, float]:
     """Image/pixel AUROC and F1-max, and ``pixel_aupro``: the official AUPRO (:func:`aupro`) at ``fpr_limit``."""

@@ -28,6 +28,7 @@ OPTIONS = {
     "dmgrd": {"memory_size": 3, "texture_count": 4, "ssot_points": 32},
     "memkd": {"exemplars": 3, "memory_items": 16},
     "drd": {},
+    "patchcore": {"coreset_ratio": 0.1},
 }
 # |onnxruntime - torch| on maps and scores, bottle test images at 64x64: at most 1.9e-6 over the 20 models.
 TOLERANCE = 1e-4

@@ -7,6 +7,7 @@ from dmgrd.models.drd import DRD, DRDConfig
 from dmgrd.models.loading import load, read_checkpoint
 from dmgrd.models.memkd import MemKD, MemKDConfig
 from dmgrd.models.nr_memory import NRMemory
+from dmgrd.models.patchcore import PatchCore, PatchCoreConfig
 from dmgrd.models.rd4ad import RD4AD, RD4ADConfig
 from dmgrd.models.rdpp import RDPP, RDPPConfig
 from dmgrd.models.reverse_distillation import ReverseDistillation
@@ -14,6 +15,6 @@ from dmgrd.models.teacher import BACKBONES, Teacher, WeightsUnavailableError
 
 __all__ = [
     "BACKBONES", "DMGRD", "DRD", "METHODS", "RD4AD", "RDPP", "AnomalyModel", "DMGRDConfig", "DRDConfig", "MemKD",
-    "MemKDConfig", "ModelConfig", "NRMemory", "Prediction", "RD4ADConfig", "RDPPConfig", "ReverseDistillation",
-    "Teacher", "WeightsUnavailableError", "load", "read_checkpoint",
+    "MemKDConfig", "ModelConfig", "NRMemory", "PatchCore", "PatchCoreConfig", "Prediction", "RD4ADConfig", "RDPPConfig",
+    "ReverseDistillation", "Teacher", "WeightsUnavailableError", "load", "read_checkpoint",
 ]

@@ -42,6 +42,8 @@ class AnomalyModel(nn.Module):
 
     method: ClassVar[str] = ""
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    # False for a method whose prepare() builds the whole model (fit() then runs no optimiser steps).
+    needs_training: ClassVar[bool] = True
     config: ModelConfig
     teacher: Teacher
     image_threshold: torch.Tensor

@@ -209,13 +209,19 @@ class PatchMemoryBank(MemoryBank):
         return rows, guided
 
 
-def nearest_rows(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """[N]: the ``bank`` row nearest to each ``query`` row (squared L2, lowest index on ties), by
-    :func:`dmgrd.ops.memory_nearest`; during ONNX export, which has neither custom ops nor a stable sort, by the
-    argmin of the reference distance matrix (the same definition)."""
+def nearest_items(query: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared L2 distances and indices ``[N, k]`` of the ``k`` ``bank`` rows nearest to each ``query`` row,
+    nearest first, by :func:`dmgrd.ops.memory_nearest`; during ONNX export, which has neither custom ops nor a
+    stable sort, by the top-k of the reference distance matrix (the same definition; an exact tie may pick
+    another of the tied rows)."""
     if torch.onnx.is_in_onnx_export():
-        return pairwise_distance_reference(query, bank, "l2").argmin(1)
-    return ops.memory_nearest(query, bank, 1, "l2")[1][:, 0]
+        return pairwise_distance_reference(query, bank, "l2").topk(k, dim=1, largest=False)
+    return ops.memory_nearest(query, bank, k, "l2")
+
+
+def nearest_rows(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """[N]: the ``bank`` row nearest to each ``query`` row (squared L2, lowest index on ties)."""
+    return nearest_items(query, bank)[1][:, 0]
 
 
 def guided_input(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,13 @@ def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | N
     device = model.device
     rank, world = _distributed()
     model.train()
-    model.prepare(train_data, seeded_generator(seed, "prepare"), batch_size, build_memory=rank == 0)
+    model.prepare(train_data, seeded_generator(seed, "prepare"), batch_size,
+                  build_memory=rank == 0 or not model.needs_training)
+    if not model.needs_training:  # the data-built state is the whole model (PatchCore's memory bank)
+        if checkpoint is not None and rank == 0:
+            model.save(checkpoint, train_state={"step": steps, "optimizer": {}, "history": []})
+        model.eval()
+        return []
     training_step = _distributed_step(model, device) if world > 1 else model.training_losses
     optimizer = torch.optim.Adam(model.optimizer_groups(), lr=config.lr, betas=tuple(config.betas))
     start, history = 0, list[dict[str, float]]()

@@ -1,0 +1,88 @@
+"""The accuracy benchmark: a tiny grid on the built-in data through the command line, its reports, and a
+killed-and-resumed grid giving the results of an uninterrupted one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dmgrd import benchmarking
+from dmgrd.layout import parse_size
+
+TINY = ["--data", "synthetic:object", "--methods", "rd4ad", "--backbone", "test_efficientnet", "--weights", "none",
+        "--image-size", "32x64", "--steps", "2", "--batch-size", "4", "--device", "cpu", "--in-process"]
+TIMING = {"train_seconds", "images_per_second", "peak_memory_mb"}
+
+
+def run_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dmgrd", "benchmark", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return sorted(({k: v for k, v in row.items() if k not in TIMING} for row in rows), key=lambda r: r["key"])
+
+
+def test_a_grid_runs_resumably_to_the_results_of_an_uninterrupted_one(tmp_path):
+    whole = tmp_path / "whole"
+    done = run_cli(*TINY, "--seeds", "0,1,2", "--out", str(whole))
+    _, stderr = done.communicate(timeout=600)
+    assert done.returncode == 0, stderr[-2000:]
+    expected = benchmarking.read_results(whole)
+    assert len(expected) == 3 and {row["seed"] for row in expected} == {0, 1, 2}
+    for name in ("results.csv", "summary.md", "metrics_synthetic-object.png", "curves_synthetic-object.png"):
+        assert (whole / name).is_file(), name
+    summary = (whole / "summary.md").read_text()
+    assert "| synthetic-object | rd4ad | clean | 3 |" in summary and " ± " in summary
+
+    killed = tmp_path / "killed"
+    first = run_cli(*TINY, "--seeds", "0,1,2", "--out", str(killed))
+    deadline = time.time() + 600
+    while len(benchmarking.read_results(killed)) < 1 and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)  # the grid process dies mid-grid (its running cell with it)
+    first.communicate()
+    assert 1 <= len(benchmarking.read_results(killed)) < 3
+    resumed = run_cli(*TINY, "--seeds", "0,1,2", "--out", str(killed))
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-2000:]
+    assert without_timing(benchmarking.read_results(killed)) == without_timing(expected)
+
+
+def test_an_isolated_cell_reports_its_own_process_peak_memory(tmp_path):
+    budget = benchmarking.Budget("test_efficientnet", None, 32, 2, 4, "cpu")
+    (row,) = benchmarking.benchmark(["synthetic:texture"], ["patchcore"], tmp_path, [0], budget=budget, progress=False)
+    assert row["key"] == "synthetic-texture/patchcore/clean/seed0" and 0 <= row["image_auroc"] <= 1
+    assert row["peak_memory_mb"] > 100 and row["images_per_second"] > 0  # a fresh process: torch and the model
+    assert (tmp_path / "curves" / "synthetic-texture_patchcore_clean_seed0.json").is_file()
+
+
+def test_summary_is_the_mean_and_sample_std_over_seeds():
+    rows = [{"data": "d", "method": "m", "variant": "v", **dict.fromkeys(benchmarking.METRICS, value),
+             "train_seconds": 1.0, "images_per_second": 2.0, "peak_memory_mb": 3.0} for value in (0.8, 0.9, 1.0)]
+    (entry,) = benchmarking.summarise(rows)
+    assert entry["seeds"] == 3
+    assert entry["image_auroc"] == pytest.approx(0.9) and entry["image_auroc_std"] == pytest.approx(0.1)
+    assert entry["train_seconds_std"] == 0.0
+    assert "0.9000 ± 0.1000" in benchmarking.markdown_table([entry])
+
+
+def test_variants_sizes_and_unknown_methods():
+    assert benchmarking.parse_variant("no-msff:attention=softmax,memory_size=10,triplet_margin=0.5") == (
+        "no-msff", {"attention": "softmax", "memory_size": 10, "triplet_margin": 0.5})
+    with pytest.raises(ValueError, match="key=value"):
+        benchmarking.parse_variant("bad:memory_size")
+    assert parse_size("640x256") == (640, 256) and parse_size("64") == 64
+    for text in ("64x", "0x32", "big"):
+        with pytest.raises(ValueError, match="image size"):
+            parse_size(text)
+    with pytest.raises(ValueError, match="unknown method"):
+        benchmarking.grid(["synthetic:object"], ["nope"], [0])
+    cells = benchmarking.grid(["synthetic:object", "/data/kolektorsdd/kolektor"], ["rd4ad", "patchcore"], [0, 1],
+                              {"clean": {}, "official": {"preset": "official"}})
+    assert len(cells) == 2 * 2 * 2 * 2 and len({c.key for c in cells}) == len(cells)
+    assert cells[-1].key == "kolektor/patchcore/official/seed1"
