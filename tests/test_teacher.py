@@ -179,7 +179,7 @@ def test_lite0_classifier_recognises_a_checkerboard(lite0_classifier):
     top = probabilities.argmax(-1).tolist()
     assert top[0] == 918  # ImageNet class 918: crossword puzzle
     assert top[1] != top[0]
-    assert probabilities[0, 918] > 0.1  # uniform would be 0.001
+    assert probabilities[0, 918] > 0.1  # uniform would be 0.001; no randomness: 0.174 at 1 and 2 threads
 
 
 def test_lite0_imagenet_features_differ_from_random(lite0, images):
