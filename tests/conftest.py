@@ -43,6 +43,10 @@ def ext_loaded() -> bool:
 
 needs_ext = pytest.mark.skipif(not ext_loaded(), reason="dmgrd._C is not loaded (DMGRD_NO_EXT=1 install)")
 
+# The op functions choose their backend by reading the ContextVar behind dmgrd.ops.use_backend; Dynamo traces
+# ContextVar.get from torch 2.14 on, and older torch compiles them with a graph break there (fullgraph=True fails).
+FULLGRAPH_THROUGH_OPS = torch.__version__ >= "2.14"
+
 
 _margins: dict[tuple[str, str], dict] = {}  # (nodeid, label) -> the largest ratio of this session
 _running: dict[str, pytest.Item] = {}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_cases, needs_ext, record_margin
+from conftest import FULLGRAPH_THROUGH_OPS, backend_cases, needs_ext, record_margin
 from scipy.ndimage import gaussian_filter
 
 from dmgrd import ops
@@ -234,7 +234,7 @@ def test_opcheck(gen, device):
 def test_torch_compile_through_the_op(gen):
     teacher, student = make_pyramid(gen, 2, SHAPE_SETS["pyramid"][0])
 
-    @torch.compile(fullgraph=True)
+    @torch.compile(fullgraph=FULLGRAPH_THROUGH_OPS)
     def score(t, s):
         return ops.image_score(ops.anomaly_map(t, s, (32, 32)), "topk_mean", k=10)
 
