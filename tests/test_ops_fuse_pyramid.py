@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_cases, ext_loaded, needs_ext
+from conftest import backend_cases, ext_loaded, needs_ext, record_margin
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +19,8 @@ fuse_module = importlib.import_module("dmgrd.ops.fuse_pyramid")
 
 # Bound on |fast - float64 reference| / (1 + max |reference|). The fast backends compute in float32 and
 # round once, so low-precision inputs are compared with the reference run in float64 on the same values.
+# Measured over 20 seeds (tests/measure_margins.py): largest error 0.085 of the bound (float32), 0.16 (float16,
+# bfloat16), 8e-6 (float64).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # Per level (C, H, W), finest first; the mask chain upsamples each level to the next finer one's size.
@@ -68,6 +70,7 @@ def assert_close(got, expected, dtype, what):
     assert got.shape == expected.shape, what
     bound = TOLERANCE[dtype] * (1 + expected.abs().max().item())
     err = (got - expected).abs().max().item()
+    record_margin(err, bound, str(dtype))
     assert err <= bound, f"{what}: max abs error {err} > {bound}"
 
 
@@ -169,6 +172,7 @@ def _msff_run(msff, inputs, forward):
 
 def _assert_runs_match(run, other, rtol):
     for a, b in zip(run[0] + list(run[1]), other[0] + list(other[1]), strict=True):
+        record_margin((a - b).abs(), rtol * (1 + b.abs().max().item()) + rtol * b.abs(), f"msff rtol={rtol}")
         assert torch.allclose(a, b, rtol=rtol, atol=rtol * (1 + b.abs().max().item()))  # some grads are ~0 noise
 
 
@@ -181,6 +185,7 @@ def test_msff_unchanged(gen):
     with ops.use_backend("torch"):
         reference = _msff_run(msff, inputs, msff)
     assert all(torch.equal(a, b) for a, b in zip(original[0], reference[0], strict=True))
+    # measured over 20 seeds: the torch backend's largest error 1.2e-4 of rtol=1e-12, the default's 0.0057 of 1e-10
     _assert_runs_match(original, reference, rtol=1e-12)
     _assert_runs_match(original, _msff_run(msff, inputs, msff), rtol=1e-10)
 
