@@ -6,11 +6,24 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.dmgrd-installed
 SOURCES := pyproject.toml setup.py $(shell find dmgrd kernels csrc -type f -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: demo test bench lint
+.PHONY: demo test test-min bench lint
 
 $(INSTALLED): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install '.[test,lint]'
+	touch $@
+
+# `make test-min`: the same set-up in .venv-min with every dependency at its oldest allowed release
+# (.ci/minimum-versions.txt, pyproject's lower bounds). PIP_CONSTRAINT also reaches the build environment that
+# compiles dmgrd._C, so the extension is built against that torch too. CPU kernels only unless DMGRD_NO_CUDA=0.
+# Several GB of downloads (a CUDA build of torch): run by hand, not by .ci/run.
+MIN_VENV ?= .venv-min
+MIN_CONSTRAINTS := .ci/minimum-versions.txt
+MIN_INSTALLED := $(MIN_VENV)/.dmgrd-installed
+
+$(MIN_INSTALLED): $(SOURCES) $(MIN_CONSTRAINTS)
+	$(PYTHON) -m venv $(MIN_VENV)
+	PIP_CONSTRAINT=$(CURDIR)/$(MIN_CONSTRAINTS) DMGRD_NO_CUDA=$${DMGRD_NO_CUDA:-1} $(MIN_VENV)/bin/pip install '.[test]'
 	touch $@
 
 demo: $(INSTALLED)
@@ -19,6 +32,9 @@ demo: $(INSTALLED)
 # TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors; set TRITON_INTERPRET=0 on a GPU machine.
 test: $(INSTALLED)
 	TRITON_INTERPRET=$${TRITON_INTERPRET:-1} $(BIN)/pytest tests
+
+test-min: $(MIN_INSTALLED)
+	TRITON_INTERPRET=$${TRITON_INTERPRET:-1} $(MIN_VENV)/bin/pytest tests
 
 bench: $(INSTALLED)
 	$(BIN)/pytest benchmarks --benchmark-only

@@ -1,7 +1,10 @@
-"""Shared test helpers: fresh random seeds (printed on failure) and the backend/device cases to check."""
+"""Shared test helpers: fresh random seeds (printed on failure), the backend/device cases to check, and the
+record of how much of each tolerance a check used (``record_margin``, read by tests/measure_margins.py)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 
@@ -39,3 +42,40 @@ def ext_loaded() -> bool:
 
 
 needs_ext = pytest.mark.skipif(not ext_loaded(), reason="dmgrd._C is not loaded (DMGRD_NO_EXT=1 install)")
+
+# The op functions choose their backend by reading the ContextVar behind dmgrd.ops.use_backend; Dynamo traces
+# ContextVar.get from torch 2.14 on, and older torch compiles them with a graph break there (fullgraph=True fails).
+FULLGRAPH_THROUGH_OPS = torch.__version__ >= "2.14"
+
+
+_margins: dict[tuple[str, str], dict] = {}  # (nodeid, label) -> the largest ratio of this session
+_running: dict[str, pytest.Item] = {}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running["item"] = item
+
+
+def record_margin(observed: float | torch.Tensor, allowed: float | torch.Tensor, label: str = "") -> None:
+    """Records ``observed / allowed`` (the share of a tolerance that a check used; for tensors the largest
+    elementwise ratio, 0 / 0 counting as 0) for the running test under ``label`` (the tolerance's table entry, say
+    "grad float16"), keeping the largest per test and label, with the seed of ``gen``; only when ``DMGRD_MARGINS``
+    names the file that gets them as JSON lines at session end."""
+    if not os.environ.get("DMGRD_MARGINS"):
+        return
+    observed, allowed = (torch.as_tensor(x, dtype=torch.float64).cpu() for x in (observed, allowed))
+    ratios = torch.where(observed == 0, 0.0, observed / allowed)
+    ratio = ratios.max().item() if ratios.numel() else 0.0
+    item = _running["item"]
+    label = label.replace("torch.", "")
+    entry = _margins.setdefault((item.nodeid, label), {"test": item.nodeid, "label": label, "ratio": 0.0,
+                                                       "seed": dict(item.user_properties).get("seed")})
+    if math.isnan(ratio) or ratio > entry["ratio"]:  # a NaN stays: it is the worst
+        entry["ratio"] = ratio
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = os.environ.get("DMGRD_MARGINS")
+    if path:
+        with open(path, "a") as out:
+            out.writelines(json.dumps(entry) + "\n" for entry in _margins.values())

@@ -33,7 +33,7 @@ def test_train_writes_checkpoint_config_log_and_thresholds(trained):
     assert config["method"] == "rd4ad" and config["validation_images"] > 0
     assert config["thresholds"]["pixel"] > 0
     rows = list(csv.DictReader((trained / "train_log.csv").open()))
-    assert len(rows) == 40 and float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert len(rows) == 40 and float(rows[-1]["loss"]) < float(rows[0]["loss"])  # 20 --seed values: 0.38-0.42
     model, extra = dmgrd.models.read_checkpoint(trained / "model.pt")
     assert extra["train_state"]["step"] == 40 and model.thresholds == config["thresholds"]
 
@@ -43,7 +43,7 @@ def test_test_command_outputs_and_the_model_learned(trained, tmp_path):
     assert main(["test", *COMMON, "--checkpoint", str(trained / "model.pt"), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max"}
-    assert metrics["image_auroc"] >= 0.9, metrics
+    assert metrics["image_auroc"] >= 0.9, metrics  # over 20 --seed values (train and test): 0.971-1.0
     scores = list(csv.DictReader((out / "scores.csv").open()))
     assert {row["label"] for row in scores} == {"0", "1"}
     panels = sorted((out / "overlays").glob("*.png"))
@@ -130,7 +130,7 @@ def test_demo_trains_a_model_that_learned(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "anomaly_map" in printed and "pixel_aupro" in printed  # backends, then the metrics
     metrics = json.loads((tmp_path / "demo" / "test" / "metrics.json").read_text())
-    assert metrics["image_auroc"] >= 0.9, metrics
+    assert metrics["image_auroc"] >= 0.9, metrics  # over 5 --seed values (111 and 0-3): 0.998-1.0
     assert len(list((tmp_path / "demo" / "test" / "overlays").glob("*.png"))) == 100
 
 

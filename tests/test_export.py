@@ -74,8 +74,16 @@ def assert_same_predictions(model, path: Path, images: torch.Tensor, thresholds:
     assert maps.shape == want_maps.shape and scores.shape == want_scores.shape
     assert np.abs(maps - want_maps).max() < TOLERANCE
     assert np.abs(scores - want_scores).max() < TOLERANCE
-    assert np.array_equal(scores > thresholds["image"], want_scores > thresholds["image"])
-    assert np.array_equal(maps > thresholds["pixel"], want_maps > thresholds["pixel"])
+    assert_same_decisions(scores, want_scores, thresholds["image"])
+    assert_same_decisions(maps, want_maps, thresholds["pixel"])
+
+
+def assert_same_decisions(got: np.ndarray, want: np.ndarray, threshold: float) -> None:
+    """Every decision ``value > threshold`` is the same, except where the model's value lies within TOLERANCE of
+    the threshold (both sides may round either way there; MemKD on onnxruntime 1.19 flipped one pixel in 12288)."""
+    clear = np.abs(want - threshold) > TOLERANCE
+    assert clear.mean() > 0.95
+    assert np.array_equal((got > threshold)[clear], (want > threshold)[clear])
 
 
 @pytest.mark.parametrize("after", ["fit", "load"])

@@ -260,8 +260,9 @@ def test_rd4ad_learns_on_real_bottle_data():
     test = dmgrd.data.MVTecAD(bottle_root(), "bottle", "test", image_size=64)
     torch.manual_seed(0)
     model = dmgrd.RD4AD(LITE0, weights="imagenet", image_size=64, seed=0)
-    model.fit(train, steps=15, batch_size=8, progress=False)
+    model.fit(train, steps=30, batch_size=8, progress=False)  # 15 steps: image AUROC 0.72-0.96 over 20 seeds
     metrics = dmgrd.evaluate(model, test, batch_size=32, progress=False)
+    # over 20 seeds (torch.manual_seed and seed=): image AUROC 0.956-0.987 (mean 0.970, sd 0.008), pixel 0.920-0.936
     assert metrics["image_auroc"] > 0.9 and metrics["pixel_auroc"] > 0.85, metrics
 
 

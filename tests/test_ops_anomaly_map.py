@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_cases, needs_ext
+from conftest import FULLGRAPH_THROUGH_OPS, backend_cases, needs_ext, record_margin
 from scipy.ndimage import gaussian_filter
 
 from dmgrd import ops
@@ -17,6 +17,8 @@ anomaly_map_module = importlib.import_module("dmgrd.ops.anomaly_map")  # the fun
 
 # Every backend accumulates in float32 from the same (upcast) input values, so half inputs keep the
 # float32 tolerance; only summation order differs from the reference.
+# Measured over 20 seeds (tests/measure_margins.py): largest error 0.060 of the bound (float32), 0.036 (float16,
+# bfloat16), 0.0013 (float64).
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5, torch.float64: 1e-12}
 
 SHAPE_SETS = {
@@ -96,6 +98,7 @@ def _check_against_reference(backend, device, teacher, student, out_size, reduce
     assert got.shape == expected.shape and got.device.type == device
     assert got.dtype == (torch.float64 if teacher[0].dtype == torch.float64 else torch.float32)
     err = (got.cpu() - expected).abs().max().item()
+    record_margin(err, TOLERANCE[teacher[0].dtype], str(teacher[0].dtype))
     assert err <= TOLERANCE[teacher[0].dtype], f"max abs error {err}"
 
 
@@ -231,7 +234,7 @@ def test_opcheck(gen, device):
 def test_torch_compile_through_the_op(gen):
     teacher, student = make_pyramid(gen, 2, SHAPE_SETS["pyramid"][0])
 
-    @torch.compile(fullgraph=True)
+    @torch.compile(fullgraph=FULLGRAPH_THROUGH_OPS)
     def score(t, s):
         return ops.image_score(ops.anomaly_map(t, s, (32, 32)), "topk_mean", k=10)
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import backend_cases, needs_ext
+from conftest import backend_cases, needs_ext, record_margin
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +19,8 @@ from dmgrd.ops._dispatch import triton_interpreted
 coreset_module = importlib.import_module("dmgrd.ops.coreset_update")
 
 # Every backend accumulates in float32 (float64) from the same upcast inputs; only the summation order differs.
+# Measured over 20 seeds (tests/measure_margins.py): largest distance error 0.014 of the bound (float32, float16),
+# 0.012 (bfloat16), 5e-4 (float64); the farthest point was always a maximum of the reference's distances.
 RTOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5, torch.float64: 1e-12}
 SHAPES = [(1, 1), (1, 9), (37, 5), (300, 129), (257, 64)]
 
@@ -49,8 +51,10 @@ def check_update(backend, points, center, min_dist, rtol):
     assert got.dtype == min_dist.dtype and got.shape == min_dist.shape and got.device == points.device
     assert farthest.dtype == torch.long and farthest.shape == () and farthest.device == points.device
     got, farthest = got.cpu(), int(farthest)
+    record_margin((got - expected).abs(), rtol * (1 + expected.abs()), f"distance {points.dtype}")
     assert torch.allclose(got, expected, rtol=rtol, atol=rtol), f"max abs error {(got - expected).abs().max()}"
     assert farthest == int(torch.argmax(got))  # the lowest index of the backend's own maximum
+    record_margin(expected.max() - expected[farthest], 2 * rtol * expected.max(), f"farthest {points.dtype}")
     assert expected[farthest] >= expected.max() * (1 - 2 * rtol)  # and a maximum of the reference too
 
 
@@ -193,7 +197,7 @@ def test_random_projection_is_seeded_and_used(gen):
     # Johnson-Lindenstrauss: pairwise distances survive 300 -> 200 dimensions within a modest factor
     wide = coreset_module.random_projection(points, 200, torch.Generator().manual_seed(5))
     ratio = torch.pdist(wide) / torch.pdist(points)
-    assert ratio.min() > 0.6 and ratio.max() < 1.4
+    assert ratio.min() > 0.6 and ratio.max() < 1.4  # 50 point seeds x 2 projection seeds: 0.76-1.23
 
 
 def test_half_points_select_in_float32(gen):

@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_cases, needs_ext
+from conftest import backend_cases, needs_ext, record_margin
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ops_anomaly_map import make_pyramid
@@ -26,6 +26,8 @@ SHAPE_SETS = {
 }
 # Every backend accumulates in float32 from the same input values as the reference, so the loss keeps the float32
 # tolerance for half inputs; half gradients are rounded once to their dtype (relative to the largest gradient).
+# Measured over 20 seeds (tests/measure_margins.py): loss error 0.083 of LOSS_TOL (float32), 0.11 (float16), 0.024
+# (bfloat16), 9e-4 (float64); gradient error 0.020 of GRAD_TOL (float32, float16), 0.031 (bfloat16), 4e-4 (float64).
 LOSS_TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5, torch.float64: 1e-12}
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 
@@ -55,12 +57,14 @@ def _check_backend(backend, device, teacher, student, reduction):
     got, grads = _loss_and_grads(teacher, student, reduction, backend)
     dtype = teacher[0].dtype
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and got.device.type == device
+    record_margin(abs(got.item() - expected.item()), LOSS_TOL[dtype], f"loss {dtype}")
     assert abs(got.item() - expected.item()) <= LOSS_TOL[dtype], (got.item(), expected.item())
     scales = [_gradient_scale(t, s, reduction) for t, s in zip(cpu_t, cpu_s, strict=True)]
-    # student gradients, then the teacher's where it requires grad
-    for g, e, scale in zip(grads, expected_grads, scales * (len(grads) // len(scales)), strict=True):
+    scales += [scale for scale, t in zip(scales, cpu_t, strict=True) if t.requires_grad]
+    for g, e, scale in zip(grads, expected_grads, scales, strict=True):  # student gradients, then the teacher's
         assert g.shape == e.shape and g.dtype == e.dtype
         err = (g.cpu().double() - e.double()).abs().max().item()
+        record_margin(err, GRAD_TOL[dtype] * max(e.abs().max().item(), scale), f"grad {dtype}")
         assert err <= GRAD_TOL[dtype] * max(e.abs().max().item(), scale), f"gradient error {err}"
 
 

@@ -2,10 +2,12 @@
 layouts, bad input, fuzz.
 
 Tolerances are those of test_ops_memory_nearest (the search is the same): a distance within the accumulation
-tolerance of the reference's plus one unit of the output dtype, indices equal wherever the nearest item is
+tolerance of the reference's plus two units of the output dtype, indices equal wherever the nearest item is
 clear by twice the tolerance, the hinge within the sum of both distances' tolerances. Query gradients of the
 fast backends match the reference's autograd to 1e-4 relative in float32 (1e-9 in float64), where the two
-paths differ only by the order of float32 operations.
+paths differ only by the order of float32 operations. Measured over 20 seeds (tests/measure_margins.py): largest
+distance error 0.29 of the bound (float32, float64), 0.49 (float16); hinge error 0.14 (float32), 0.15 (float16),
+0.23 (float64).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import backend_cases, needs_ext
+from conftest import backend_cases, needs_ext, record_margin
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ops_memory_nearest import (
@@ -53,7 +55,9 @@ def assert_matches_reference(query, normal_bank, abnormal_bank, margin, metric, 
     tol = (distance_tolerance(query, normal_bank, metric) + distance_tolerance(query, abnormal_bank, metric))[:, 0]
     hinge, ref_hinge = got[4].double(), ref[4].detach().double()
     assert got[4].dtype == query.dtype
-    assert ((hinge - ref_hinge).abs() <= tol + torch.finfo(query.dtype).eps * (2 * ref_hinge.abs() + margin)).all()
+    allowed = tol + torch.finfo(query.dtype).eps * (2 * ref_hinge.abs() + margin)
+    record_margin((hinge - ref_hinge).abs(), allowed, f"hinge {query.dtype}")
+    assert ((hinge - ref_hinge).abs() <= allowed).all()
 
 
 # (N, M_normal, M_abnormal, D): odd sizes, one query, one item per bank, banks of different sizes, several
@@ -144,13 +148,14 @@ def test_gradients_match_reference(gen, backend, device, dtype):
     skip_unless_runs(OP, backend, device, dtype)
     query, normal_bank, abnormal_bank = random_banks(gen, 33, 19, 25, 17, dtype)
     weights = torch.randn(3, generator=gen).tolist()
-    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    tol = 1e-4 if dtype == torch.float32 else 1e-9  # measured over 20 seeds: 0.0026 of 1e-4, 4.5e-7 of 1e-9
     for metric, margin in (("l2", 10.0), ("cosine", 0.3)):  # margins that leave the hinge active on some rows
         expected = gradients("torch", query, normal_bank, abnormal_bank, margin, metric, weights, banks_too=True)
         got = gradients(backend, query.to(device), normal_bank.to(device), abnormal_bank.to(device), margin, metric,
                         weights, banks_too=True)
         for g, e in zip(got, expected, strict=True):
             scale = e.abs().max()
+            record_margin((g.cpu() - e).abs().max().item(), tol * scale.item(), f"grad {dtype}")
             assert scale > 0 and ((g.cpu() - e).abs() <= tol * scale).all()
 
 

@@ -1,5 +1,6 @@
-"""dmgrd.ops.channel_pool / fuse_pyramid: the references from first principles and against MSFF's original
-code, every backend (forward and backward) against the references, gradcheck, fuzzing, bad input."""
+"""dmgrd.ops.fuse_pyramid: the reference from first principles and against MSFF's original code, every backend
+(forward and backward) against the reference, gradcheck, fuzzing, bad input. MSFF's channel pooling is
+test_ops_channel_pool.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_cases, ext_loaded, needs_ext
+from conftest import backend_cases, ext_loaded, needs_ext, record_margin
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,8 @@ fuse_module = importlib.import_module("dmgrd.ops.fuse_pyramid")
 
 # Bound on |fast - float64 reference| / (1 + max |reference|). The fast backends compute in float32 and
 # round once, so low-precision inputs are compared with the reference run in float64 on the same values.
+# Measured over 20 seeds (tests/measure_margins.py): largest error 0.085 of the bound (float32), 0.16 (float16,
+# bfloat16), 8e-6 (float64).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # Per level (C, H, W), finest first; the mask chain upsamples each level to the next finer one's size.
@@ -34,7 +37,7 @@ PYRAMIDS = {
 TRITON_PYRAMID = [(3, 6, 7), (4, 3, 4), (5, 2, 2)]  # tiny, for the interpreter
 
 
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "contiguous":
         return x.contiguous()
     if layout == "channels_last":
@@ -51,7 +54,7 @@ def make_pyramid(gen, batch, levels, dtype=torch.float32, layout="contiguous", d
 
     def rand(*shape, scale=1.0):
         x = (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
-        return _layout(x, layout).to(device)
+        return with_layout(x, layout).to(device)
 
     features = [rand(batch, c, h, w).requires_grad_() for c, h, w in levels]
     logits = [rand(batch, 1, h, w, scale=2.0).requires_grad_() for _, h, w in levels]
@@ -68,6 +71,7 @@ def assert_close(got, expected, dtype, what):
     assert got.shape == expected.shape, what
     bound = TOLERANCE[dtype] * (1 + expected.abs().max().item())
     err = (got - expected).abs().max().item()
+    record_margin(err, bound, str(dtype))
     assert err <= bound, f"{what}: max abs error {err} > {bound}"
 
 
@@ -86,19 +90,7 @@ def check_fuse_against_reference(backend, features, logits, grads):
         assert_close(g, e, dtype, f"gradient of input {i}")
 
 
-def check_pool_against_reference(backend, x, grad):
-    ref_x = x.detach().cpu().double().requires_grad_()
-    expected = ops.channel_pool_reference(ref_x)
-    (expected_grad,) = torch.autograd.grad(expected, ref_x, grad.cpu().double())
-    with ops.use_backend(backend):
-        got = ops.channel_pool(x)
-    (got_grad,) = torch.autograd.grad(got, x, grad)
-    assert got.dtype == x.dtype and got.device == x.device
-    assert_close(got, expected, x.dtype, "pooled")
-    assert_close(got_grad, expected_grad, x.dtype, "gradient of x")
-
-
-def _skip_unless_runs(op, backend, device, dtype):
+def skip_unless_runs(op, backend, device, dtype):
     reason = op.unavailable_reason(backend, device, dtype)
     if reason:
         pytest.skip(reason)
@@ -120,14 +112,6 @@ def test_reference_masks_from_first_principles(gen):
     out = ops.fuse_pyramid_reference(features, logits)
     for f, o, scale in zip(features, out, (0.125, 0.25, 0.5), strict=True):
         assert torch.allclose(o, f * scale, rtol=1e-6, atol=1e-7)
-
-
-def test_reference_pool_from_first_principles():
-    x = torch.tensor([1.0, 5.0, -2.0, 5.0]).view(1, 4, 1, 1).requires_grad_()
-    pooled = ops.channel_pool_reference(x)
-    assert pooled.flatten().tolist() == [5.0, 2.25]
-    pooled[0, 0].sum().backward()
-    assert x.grad.flatten().tolist() == [0.0, 0.5, 0.0, 0.5]  # the max's gradient is split among ties
 
 
 def original_msff_forward(msff: MSFF, inputs):
@@ -169,6 +153,7 @@ def _msff_run(msff, inputs, forward):
 
 def _assert_runs_match(run, other, rtol):
     for a, b in zip(run[0] + list(run[1]), other[0] + list(other[1]), strict=True):
+        record_margin((a - b).abs(), rtol * (1 + b.abs().max().item()) + rtol * b.abs(), f"msff rtol={rtol}")
         assert torch.allclose(a, b, rtol=rtol, atol=rtol * (1 + b.abs().max().item()))  # some grads are ~0 noise
 
 
@@ -181,6 +166,7 @@ def test_msff_unchanged(gen):
     with ops.use_backend("torch"):
         reference = _msff_run(msff, inputs, msff)
     assert all(torch.equal(a, b) for a, b in zip(original[0], reference[0], strict=True))
+    # measured over 20 seeds: the torch backend's largest error 1.2e-4 of rtol=1e-12, the default's 0.0057 of 1e-10
     _assert_runs_match(original, reference, rtol=1e-12)
     _assert_runs_match(original, _msff_run(msff, inputs, msff), rtol=1e-10)
 
@@ -202,51 +188,9 @@ def test_fuse_matches_reference(gen, backend, device, pyramid, batch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_fuse_dtypes_and_layouts(gen, backend, device, dtype, layout):
-    _skip_unless_runs(fuse_module.OP, backend, device, dtype)
+    skip_unless_runs(fuse_module.OP, backend, device, dtype)
     features, logits, grads = make_pyramid(gen, 2, _pyramid_for(backend, "odd"), dtype, layout, device)
     check_fuse_against_reference(backend, features, logits, grads)
-
-
-@pytest.mark.parametrize("backend,device", backend_cases("channel_pool"))
-# (16, 5, 64, 64): whole 4096-pixel images per task on the CPU (for up to 8 threads).
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 7, 5, 9), (2, 40, 33, 3), (1, 2048, 2, 3), (16, 5, 64, 64)])
-def test_pool_matches_reference(gen, backend, device, shape):
-    if backend == "triton":
-        shape = (min(shape[0], 3), min(shape[1], 40), min(shape[2], 4), min(shape[3], 5))
-    x = torch.randn(*shape, generator=gen).to(device).requires_grad_()
-    check_pool_against_reference(backend, x, torch.randn(shape[0], 2, *shape[2:], generator=gen).to(device))
-
-
-@pytest.mark.parametrize("backend,device", backend_cases("channel_pool"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_pool_dtypes_and_layouts(gen, backend, device, dtype, layout):
-    _skip_unless_runs(importlib.import_module("dmgrd.ops.channel_pool").OP, backend, device, dtype)
-    x = _layout(torch.randn(2, 19, 6, 7, generator=gen).to(dtype), layout).to(device).requires_grad_()
-    check_pool_against_reference(backend, x, torch.randn(2, 2, 6, 7, generator=gen).to(dtype).to(device))
-
-
-@pytest.mark.parametrize("backend,device", backend_cases("channel_pool", reference_too=True))
-def test_pool_ties_split_the_gradient(gen, backend, device):
-    """Few distinct values: most maxima are shared by several channels, each getting an equal share."""
-    for shape in ((2, 9, 5, 4), (16, 6, 64, 64) if backend != "triton" else (1, 6, 3, 4)):
-        x = torch.randint(0, 3, shape, generator=gen).float().to(device).requires_grad_()
-        check_pool_against_reference(backend, x, torch.randn(shape[0], 2, *shape[2:], generator=gen).to(device))
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf in the interpreter
-@pytest.mark.parametrize("backend,device", backend_cases("channel_pool", reference_too=True))
-def test_pool_nan_and_infinities(gen, backend, device):
-    """A NaN channel makes both maps NaN at its pixel only; +inf and -inf give max +inf and mean NaN."""
-    x = torch.randn(2, 6, 3, 4, generator=gen)
-    x[1, 4, 2, 1] = float("nan")
-    x[0, 1, 1, 3], x[0, 5, 1, 3] = float("inf"), float("-inf")
-    with ops.use_backend(backend):
-        pooled = ops.channel_pool(x.to(device)).cpu()
-    assert pooled[1, :, 2, 1].isnan().all()
-    assert pooled[0, 0, 1, 3] == float("inf") and pooled[0, 1, 1, 3].isnan()
-    pooled[1, :, 2, 1] = pooled[0, :, 1, 3] = 0
-    assert torch.isfinite(pooled).all()
 
 
 # --- gradcheck and fuzzing -----------------------------------------------------------------------------
@@ -255,10 +199,8 @@ def test_pool_nan_and_infinities(gen, backend, device):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("ext", marks=needs_ext)])
 def test_gradcheck_float64(gen, backend):
     features, logits, _ = make_pyramid(gen, 1, [(2, 5, 6), (3, 3, 4)], torch.float64)
-    x = torch.randn(2, 5, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     with ops.use_backend(backend):
         assert torch.autograd.gradcheck(lambda *t: ops.fuse_pyramid(t[:2], t[2:]), (*features, *logits))
-        assert torch.autograd.gradcheck(ops.channel_pool, (x,))
 
 
 @st.composite
@@ -274,8 +216,6 @@ def _fuzz(backend, case, seed, dtype):
     gen = torch.Generator().manual_seed(seed)
     features, logits, grads = make_pyramid(gen, batch, levels, dtype, layout)
     check_fuse_against_reference(backend, features, logits, grads)
-    x = features[0].detach().requires_grad_()
-    check_pool_against_reference(backend, x, torch.randn(batch, 2, *x.shape[2:], generator=gen).to(dtype))
 
 
 @pytest.mark.skipif(not ext_loaded(), reason="dmgrd._C is not loaded")
@@ -310,7 +250,6 @@ def test_empty_batch_follows_the_reference():
     features = [torch.zeros(0, 3, 4, 4), torch.zeros(0, 2, 2, 2)]
     logits = [torch.zeros(0, 1, 4, 4), torch.zeros(0, 1, 2, 2)]
     assert [o.shape for o in ops.fuse_pyramid(features, logits)] == [f.shape for f in features]
-    assert ops.channel_pool(torch.zeros(0, 3, 4, 4)).shape == (0, 2, 4, 4)
 
 
 F4 = torch.zeros(2, 3, 4, 4)
@@ -337,21 +276,10 @@ def test_fuse_bad_input_raises_value_error(features, logits, message):
         ops.fuse_pyramid(features, logits)
 
 
-@pytest.mark.parametrize("x,message", [(torch.zeros(2, 0, 3, 3), "empty channel"), (torch.zeros(3, 3), "must be 4-D"),
-                                       (torch.zeros(1, 2, 3, 3, dtype=torch.int32), "floating point")])
-def test_pool_bad_input_raises_value_error(x, message):
-    with pytest.raises(ValueError, match=message):
-        ops.channel_pool(x)
-
-
 @needs_ext
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_opcheck(gen, layout):
     features, logits, grads = make_pyramid(gen, 2, PYRAMIDS["inexact"], layout=layout)
     features, logits = [f.detach() for f in features], [a.detach() for a in logits]
-    x = features[0]
-    pooled, ties = torch.ops.dmgrd.channel_pool(x)
-    torch.library.opcheck(torch.ops.dmgrd.channel_pool.default, (x,))
-    torch.library.opcheck(torch.ops.dmgrd.channel_pool_backward.default, (torch.randn_like(pooled), x, pooled, ties))
     torch.library.opcheck(torch.ops.dmgrd.fuse_pyramid.default, (features, logits))
     torch.library.opcheck(torch.ops.dmgrd.fuse_pyramid_backward.default, (grads, features, logits))

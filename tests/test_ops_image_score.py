@@ -6,13 +6,17 @@ import importlib
 
 import pytest
 import torch
-from conftest import backend_cases, needs_ext
+from conftest import backend_cases, needs_ext, record_margin
 
 from dmgrd import ops
 
 image_score_module = importlib.import_module("dmgrd.ops.image_score")
 
-RTOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# Relative to 1 + |reference|. Half scores are float32 means rounded once to their dtype; bfloat16 allows two units
+# (2 eps) because the Triton interpreter rounds float32 -> bfloat16 toward zero (its cast passes no rounding mode),
+# one unit below the reference's round-to-nearest in 26% of scores, up to all of eps |score|. Measured over 20
+# seeds (tests/measure_margins.py): largest error 0.32 of the bound (float32, bfloat16), 0 (float16), 4e-4 (float64).
+RTOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
 
 
 def random_maps(gen, batch, height, width, dtype, kind):
@@ -43,7 +47,9 @@ def test_backend_matches_reference(gen, backend, device, dtype, kind, size, k):
         if mode == "max":
             assert torch.equal(got.cpu(), expected)
         else:
-            assert torch.allclose(got.cpu().double(), expected.double(), rtol=RTOL[dtype], atol=RTOL[dtype])
+            got, expected = got.cpu().double(), expected.double()
+            record_margin((got - expected).abs(), RTOL[dtype] * (1 + expected.abs()), str(dtype))
+            assert torch.allclose(got, expected, rtol=RTOL[dtype], atol=RTOL[dtype])
 
 
 @pytest.mark.parametrize("backend,device", backend_cases("image_score"))

@@ -1,11 +1,16 @@
 """dmgrd.ops.memory_nearest: every backend against the torch reference, ties, NaN, layouts, bad input, fuzz.
 
 Tolerances. Every backend accumulates in float32 (float64 for float64 inputs) from the same upcast inputs; only
-the summation order differs. A distance may therefore differ from the reference by
+the summation order differs. A distance may therefore differ from the reference by the accumulation tolerance
 ``8 u sqrt(D + 1) scale`` (u the accumulation unit roundoff; scale ``|q|^2 + |m|^2`` for l2, 1 for cosine) plus
-one unit of the output dtype. A returned neighbour must be a true j-th nearest item up to twice that (distances
-recomputed in float64), and its index must equal the reference's wherever the true gaps to the neighbouring
-ranks exceed twice the tolerance. Ties are exact (small integer inputs): then indices must match exactly.
+two units of the output dtype (``2 eps |d|``): both round an accumulator to the output dtype, and accumulators a
+rounding error apart can round to neighbouring values one unit apart, all of ``eps |d|`` at the bottom of a
+binade (measured: 1 of 25600 float16 distances, 0.97 of a one-unit bound). A returned neighbour must be a true
+j-th nearest item up to twice the accumulation tolerance (distances recomputed in float64), and its index must
+equal the reference's wherever the true gaps to the neighbouring ranks exceed twice that tolerance. Ties are
+exact (small integer inputs): then indices must match exactly. Measured over 20 seeds (tests/measure_margins.py):
+largest distance error 0.29 of the bound (float32, float64), 0.34 (float16); a returned neighbour's true
+distance at most 3e-10 of its bound.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import math
 
 import pytest
 import torch
-from conftest import backend_cases, needs_ext
+from conftest import backend_cases, needs_ext, record_margin
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,10 +76,11 @@ def assert_neighbours(query, bank, metric, got_dist, got_index, ref_dist, ref_in
     assert got_dist.dtype == ref_dist.dtype and got_index.dtype == torch.long
     assert got_dist.shape == ref_dist.shape and got_index.shape == ref_index.shape
     tol = distance_tolerance(query, bank, metric)
-    out_unit = torch.finfo(got_dist.dtype).eps
+    two_units = 2 * torch.finfo(got_dist.dtype).eps  # of the output dtype, relative (see the module docstring)
     diff = (got_dist.double() - ref_dist.double()).abs()
-    allowed = tol + out_unit * ref_dist.double().abs()
+    allowed = tol + two_units * ref_dist.double().abs()
     same_nan = got_dist.isnan() == ref_dist.isnan()
+    record_margin(diff.masked_fill(got_dist.isnan(), 0.0), allowed, f"distance {query.dtype}")
     assert same_nan.all() and (diff <= allowed).logical_or(got_dist.isnan()).all(), (diff - allowed).max()
     if exact_ties:
         assert torch.equal(got_index, ref_index)
@@ -83,6 +89,7 @@ def assert_neighbours(query, bank, metric, got_dist, got_index, ref_dist, ref_in
     assert all(len(set(row.tolist())) == k for row in got_index), "a neighbour is repeated"
     truth = pairwise_distance_reference(query.double().cpu(), bank.double().cpu(), metric)
     ranked = truth.sort(dim=1).values
+    record_margin((truth.gather(1, got_index) - ranked[:, :k]).abs(), 2 * tol, f"rank {query.dtype}")
     assert ((truth.gather(1, got_index) - ranked[:, :k]).abs() <= 2 * tol).all(), "not a true nearest item"
     padded = torch.cat([ranked[:, :1] - 1 - 4 * tol, ranked, ranked[:, -1:] + 1 + 4 * tol], dim=1)
     clear = (padded[:, 1:k + 1] - padded[:, :k] > 2 * tol) & (padded[:, 2:k + 2] - padded[:, 1:k + 1] > 2 * tol)

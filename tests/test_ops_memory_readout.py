@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_cases, needs_ext
+from conftest import FULLGRAPH_THROUGH_OPS, backend_cases, needs_ext, record_margin
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +20,8 @@ readout_module = importlib.import_module("dmgrd.ops.memory_readout")  # the func
 # With one memory item the query gradient is exactly zero and the reference's is rounding noise.
 # float32 and float64 differ from the reference in summation order only; half inputs round the output (and,
 # in Triton, the probabilities and dS before their tensor-core products) to the input dtype.
+# Measured over 20 seeds (tests/measure_margins.py): forward error 0.22 of the bound (float32), 0.16 (float16), 0.027
+# (bfloat16), 0.0014 (float64); gradient error 0.13 (float32), 0.15 (float16), 0.22 (bfloat16), 0.0052 (float64).
 TOLERANCE = {
     torch.float64: (1e-12, 1e-12),
     torch.float32: (2e-5, 1e-4),
@@ -59,6 +61,7 @@ def check_against_reference(backend, query, bank, temperature, grad):
     atol, grad_tol = TOLERANCE[query.dtype]
     out, ref = got[0].cpu().double(), expected[0].double()
     assert got[0].dtype == query.dtype and got[0].shape == query.shape and got[0].device == query.device
+    record_margin((out - ref).abs(), atol * (1 + ref.abs()), f"forward {query.dtype}")
     assert ((out - ref).abs() <= atol + atol * ref.abs()).all(), f"forward max error {(out - ref).abs().max()}"
     for name, g, r in zip(("query", "bank"), got[1:], expected[1:], strict=True):
         assert g.dtype == r.dtype and g.shape == r.shape
@@ -69,6 +72,7 @@ def assert_gradient_close(got, ref, tol, name):
     """Max error relative to the largest reference gradient (or 1): every element sums terms that large, so
     float32 rounding scales with it, not with the element (small elements carry that absolute error too)."""
     err = (got.cpu().double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1.0)
+    record_margin(err.item(), tol, f"grad {got.dtype}")
     assert err <= tol, f"grad {name}: error {err} relative to the largest reference gradient (or 1)"
 
 
@@ -231,7 +235,7 @@ def test_opcheck(gen):
 def test_compiles_through_the_autograd_function(gen):
     query, bank, _ = random_inputs(gen, 30, 20, 16)
 
-    @torch.compile(backend="aot_eager", fullgraph=True)
+    @torch.compile(backend="aot_eager", fullgraph=FULLGRAPH_THROUGH_OPS)
     def loss(q, b):
         return ops.memory_readout(q, b, 0.1).square().sum()
 

@@ -67,8 +67,8 @@ def test_simplex_noise3_matches_the_noise_package(gen):
     # Rounding to float32 can move a point lying within ~1e-6 of a simplex face (not on it) across the face, where
     # the reference kernel jumps: compare away from those. Points on a face (above) are exact in float32 too.
     away = ~near_a_simplex_face(points, 1e-4)
-    assert away.float().mean() > 0.9
-    torch.testing.assert_close(values32[away], values.float()[away], atol=1e-4, rtol=0)
+    assert away.float().mean() > 0.9  # over 50 seeds: 0.957-0.978 (the 20 tied points sit near a face: 0.967)
+    torch.testing.assert_close(values32[away], values.float()[away], atol=1e-4, rtol=0)  # 50 seeds: at most 1.6e-5
     assert values.abs().max() <= 1
 
 
@@ -80,7 +80,7 @@ def test_simplex_patch_adds_scaled_noise_to_one_rectangle(gen):
     assert noisy.shape == images.shape and mask.shape == (3, 1, 64, 80)
     diff = noisy - images
     assert torch.all(diff[mask.expand_as(diff) == 0] == 0)
-    assert diff.abs().max() <= 0.2 * OCTAVE_AMPLITUDES
+    assert diff.abs().max() <= 0.2 * OCTAVE_AMPLITUDES  # a bound, not a statistic: 50 seeds reach 0.51-0.77 of it
     for level in (0.0, 1.0):  # not clipped: black and white images get the same noise (of either sign)
         gen.set_state(state)
         saturated, _ = S.simplex_patch(torch.full_like(images, level), gen, tables)
@@ -91,7 +91,9 @@ def test_simplex_patch_adds_scaled_noise_to_one_rectangle(gen):
         assert mask[b, 0].sum() == height * width  # one filled rectangle
         assert 10 <= height <= 31 and 10 <= width <= 31
         assert top >= 1 and left >= 1 and top + height <= 63 and left + width <= 79
-        assert (diff[b, :, top:top + height, left:left + width] != 0).float().mean() > 0.99
+        # The noise is exactly 0 at the lattice points (channel, row, column) = (0, 0, 0), often (1, 1, 1) and (2, 2, 2)
+        # too: 3 zeros make 0.99 in a 10 x 10 patch. Over 900 patches (300 seeds): at least 0.9917; floor 0.95.
+        assert (diff[b, :, top:top + height, left:left + width] != 0).float().mean() > 0.95
         draws = (torch.randint(n, (20,), generator=gen).tolist() for n in (height, width, 3))
         for r, c, ch in zip(*draws, strict=True):
             expected = 0.2 * reference_noise(tables[b].tolist(), c / 32, r / 32, ch / 32)
@@ -242,7 +244,7 @@ def test_cli_trains_rdpp_and_the_loss_goes_down(tmp_path):
     rows = list(csv.DictReader((out / "train_log.csv").open()))
     assert len(rows) == 8 and {"kd", "ssot", "recon", "contrast", "projection"} <= set(rows[0])
     losses = [float(r["loss"]) for r in rows]
-    assert sum(losses[-2:]) < sum(losses[:2])
+    assert sum(losses[-2:]) < sum(losses[:2])  # over 20 --seed values: last two / first two 0.56-0.69
     model, extra = dmgrd.models.read_checkpoint(out / "model.pt")
     assert isinstance(model, dmgrd.RDPP) and extra["train_state"]["step"] == 8
 
@@ -260,7 +262,8 @@ def test_rdpp_learns_on_real_bottle_data():
     test = dmgrd.data.MVTecAD(bottle_root(), "bottle", "test", image_size=64)
     torch.manual_seed(0)
     model = dmgrd.RDPP(LITE0, weights="imagenet", image_size=64, ssot_points=64, seed=0)
-    history = model.fit(train, steps=15, batch_size=8, progress=False)
-    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
+    history = model.fit(train, steps=30, batch_size=8, progress=False)  # 15 steps: image AUROC 0.86-0.97, 20 seeds
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]  # over 20 seeds: last / first 0.331-0.347
     metrics = dmgrd.evaluate(model, test, batch_size=32, progress=False)
+    # over 20 seeds (torch.manual_seed and seed=): image AUROC 0.940-0.983 (mean 0.970, sd 0.010), pixel 0.916-0.938
     assert metrics["image_auroc"] > 0.9 and metrics["pixel_auroc"] > 0.85, metrics

@@ -63,25 +63,25 @@ def test_perlin_noise_bounded_smooth_and_not_constant(gen):
     noise = S.perlin_noise(8, 64, (4, 4), gen)
     assert noise.shape == (8, 64, 64)
     assert noise.abs().max() <= 1.0 + 1e-5
-    assert (noise.amax(dim=(1, 2)) - noise.amin(dim=(1, 2))).min() > 0.3
+    assert (noise.amax(dim=(1, 2)) - noise.amin(dim=(1, 2))).min() > 0.3  # over 50 seeds: 1.20-1.43
     steps = torch.cat([noise.diff(dim=1).abs().flatten(), noise.diff(dim=2).abs().flatten()])
-    assert steps.max() < 0.25
-    assert steps.mean() < 0.05
+    assert steps.max() < 0.25  # over 50 seeds: 0.151-0.181
+    assert steps.mean() < 0.08  # over 50 seeds: 0.044-0.048 (uniform noise in [-1, 1]: 0.67)
 
 
 def test_perlin_noise_non_divisible_size_is_zero_on_lattice_points(gen):
     # 36 rows on 24 cells and 50 columns on 20 cells: lattice points fall on every 3rd row and 5th column.
     noise = S.perlin_noise(3, (36, 50), (24, 20), gen)
     assert noise.shape == (3, 36, 50)
-    assert noise[:, ::3, ::5].abs().max() < 1e-5
-    assert noise.abs().max() > 0.1
+    assert noise[:, ::3, ::5].abs().max() < 1e-5  # over 50 seeds: exactly 0
+    assert noise.abs().max() > 0.1  # over 50 seeds: 0.82-0.88
     assert noise.abs().max() <= 1.0 + 1e-5
 
 
 def test_perlin_noise_per_sample_resolution(gen):
     noise = S.perlin_noise(2, 64, torch.tensor([[1, 1], [32, 32]]), gen)
     roughness = noise.diff(dim=2).abs().mean(dim=(1, 2))
-    assert roughness[1] > 5 * roughness[0]
+    assert roughness[1] > 5 * roughness[0]  # over 50 seeds: 16x-51x
 
 
 def test_perlin_noise_rejects_bad_resolution(gen):
@@ -100,9 +100,9 @@ def test_perlin_mask_binary_and_area_statistics(gen):
     assert masks.dtype == torch.float32
     assert bool(((masks == 0) | (masks == 1)).all())
     area = masks.mean(dim=(1, 2, 3))
-    assert 0.02 < area.mean() < 0.5
-    assert (area > 0).sum() > 50
-    assert area.max() < 0.8
+    assert 0.02 < area.mean() < 0.5  # over 50 seeds: 0.035-0.049
+    assert (area > 0).sum() > 50  # over 50 seeds: 85-99
+    assert area.max() < 0.8  # over 50 seeds: 0.10-0.44
 
 
 def test_perlin_mask_threshold_controls_area(gen):
@@ -110,14 +110,14 @@ def test_perlin_mask_threshold_controls_area(gen):
     low = S.perlin_mask(20, 32, gen, threshold=0.2).mean()
     gen.set_state(state)
     high = S.perlin_mask(20, 32, gen, threshold=0.5).mean()
-    assert low > high
+    assert low > high  # over 50 seeds: low - high 0.12-0.20
 
 
 def test_rotate_maps_quarter_turn_is_rot90():
     maps = torch.rand(1, 1, 16, 16, generator=seeded(0))
     rotated = S.rotate_maps(maps, torch.tensor([90.0]))
     candidates = [torch.rot90(maps, k, dims=(-2, -1)) for k in (1, -1)]
-    assert min((rotated - c).abs().max() for c in candidates) < 1e-5
+    assert min((rotated - c).abs().max() for c in candidates) < 1e-5  # over 50 seeds of maps: at most 1.1e-6
 
 
 def test_rotate_maps_rotates_in_pixel_space_on_non_square_maps():
@@ -156,7 +156,7 @@ def test_fourier_mix_lam_one_takes_texture_amplitude_in_window(gen, size):
     out_amp, img_amp, tex_amp = (shifted_amplitude(x) for x in (mixed, images, textures))
     torch.testing.assert_close(out_amp[..., inside], tex_amp[..., inside], atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(out_amp[..., ~inside], img_amp[..., ~inside], atol=1e-9, rtol=1e-9)
-    assert (img_amp[..., inside] - tex_amp[..., inside]).abs().max() > 1e-2
+    assert (img_amp[..., inside] - tex_amp[..., inside]).abs().max() > 1e-2  # 50 seeds x 3 sizes: 59-245
 
 
 def test_fourier_mix_keeps_image_phase(gen):
@@ -202,7 +202,7 @@ def test_blend_legacy_matches_official_formula(gen):
     outside = (mask == 0).expand_as(out)
     torch.testing.assert_close(out[outside], (mixed * (2 - b)).expand_as(out)[outside], atol=1e-6, rtol=0)
     torch.testing.assert_close(out[~outside], mixed[~outside], atol=1e-6, rtol=0)
-    assert out.max() > 1  # brightening, no clipping
+    assert out.max() > 1  # brightening, no clipping; over 50 seeds: 1.75-2.40
 
 
 def test_blend_draem_matches_formula_and_leaves_outside_unchanged(gen):
@@ -230,8 +230,8 @@ def test_procedural_textures_range_and_variety(gen):
     textures = S.procedural_textures(6, (32, 48), gen)
     assert textures.shape == (6, 3, 32, 48)
     assert textures.min() >= 0 and textures.max() <= 1
-    assert textures.std(dim=(2, 3)).min() > 0.02  # every channel varies
-    assert (textures[1:] - textures[:1]).abs().mean(dim=(1, 2, 3)).min() > 0.01
+    assert textures.std(dim=(2, 3)).min() > 0.02  # every channel varies; over 50 seeds: 0.038-0.054
+    assert (textures[1:] - textures[:1]).abs().mean(dim=(1, 2, 3)).min() > 0.01  # over 50 seeds: 0.082-0.26
 
 
 def test_procedural_textures_timing():
@@ -309,7 +309,7 @@ def test_synth_changes_pixels_inside_masks(synthesizer):
     augmented, mask = synthesizer.synth(images, seeded(0))
     inside = (mask == 1).expand_as(images)
     assert inside.any()
-    assert (augmented[inside] - images[inside]).abs().mean() > 1e-3
+    assert (augmented[inside] - images[inside]).abs().mean() > 1e-3  # over 50 image and synth seeds: 0.017-0.053
 
 
 def test_synth_beta_one_keeps_images():
@@ -324,7 +324,7 @@ def test_synth_legacy_brightens_outside_mask(synthesizer):
     images = torch.rand(8, 3, 32, 32, generator=seeded(0)) * 0.5
     augmented, mask = legacy.synth(images, seeded(4))
     outside = (mask == 0).expand_as(images)
-    assert augmented[outside].mean() > 1.15 * images[outside].mean()
+    assert augmented[outside].mean() > 1.15 * images[outside].mean()  # over 50 seeds: 1.75x-2.49x
 
 
 def test_synth_deterministic_and_global_rng_untouched(synthesizer):

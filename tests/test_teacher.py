@@ -179,7 +179,7 @@ def test_lite0_classifier_recognises_a_checkerboard(lite0_classifier):
     top = probabilities.argmax(-1).tolist()
     assert top[0] == 918  # ImageNet class 918: crossword puzzle
     assert top[1] != top[0]
-    assert probabilities[0, 918] > 0.1  # uniform would be 0.001
+    assert probabilities[0, 918] > 0.1  # uniform would be 0.001; no randomness: 0.174 at 1 and 2 threads
 
 
 def test_lite0_imagenet_features_differ_from_random(lite0, images):
@@ -408,5 +408,8 @@ def test_works_under_autocast(resnet18, images):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         features = resnet18(images)
     assert all(f.dtype == torch.bfloat16 for f in features)
+    # bfloat16 rounds each layer's output to 8 bits: the error grows with the features' scale. Over 20 seeds, the
+    # largest error is 0.0115 of the level's largest |feature| (0.117 absolute), cosine per pixel at least 0.99996.
     for low, full in zip(features, reference, strict=True):
-        torch.testing.assert_close(low.float(), full, rtol=0.1, atol=0.1)
+        assert (low.float() - full).abs().max() <= 0.03 * full.abs().max()
+        assert torch.nn.functional.cosine_similarity(low.float(), full, dim=1).min() > 0.999
