@@ -1,7 +1,6 @@
 """The accuracy benchmark: a tiny grid on the built-in data through the command line, its reports, and a
 killed-and-resumed grid giving the results of an uninterrupted one."""
 
-import json
 import os
 import signal
 import subprocess

@@ -40,7 +40,7 @@ def test_patch_features_are_averaged_levels_on_the_finer_grid(gen):
     model = dmgrd.PatchCore(LITE0, weights=None, image_size=64).eval()
     images = torch.rand(2, 3, 64, 64, generator=gen)
     feats = model.patch_features(images)
-    c1, c2, c3 = model.teacher.channels
+    _, c2, c3 = model.teacher.channels
     assert feats.shape == (2, c2 + c3, 8, 8)
     f2, f3 = model.teacher(images)[1:]
     expected2 = F.avg_pool2d(f2, 3, stride=1, padding=1, count_include_pad=False)
