@@ -40,3 +40,11 @@ def test_pyproject_lower_bounds_equal_the_minimum_versions_file():
             name, version = re.fullmatch(r"([A-Za-z0-9._-]+)==([^\s]+)", line).groups()
             pins[canonicalize_name(name)] = version
     assert pins == bounds
+
+
+def test_every_source_package_is_installed():
+    """A package folder missing from pyproject's list installs without it (the source tree still imports)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(project["tool"]["setuptools"]["packages"])
+    folders = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "dmgrd").rglob("__init__.py")}
+    assert folders <= listed and "dmgrd.kernels" in listed, sorted(folders - listed)
