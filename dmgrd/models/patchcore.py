@@ -26,6 +26,7 @@ from dmgrd.models.state import register_data_buffer
 from dmgrd.ops.anomaly_map import gaussian_blur_reference
 
 LEVELS = (1, 2, 3)
+RERANKED = 4  # nearest candidates re-ranked by the exact distance
 
 
 @dataclass
@@ -134,9 +135,13 @@ class PatchCore(AnomalyModel):
         batch, _, height, width = feats.shape
         rows = pixel_rows(feats)
         memory = self.memory.rows.to(rows.dtype)
-        nearest = nearest_items(rows, memory)[1][:, 0]
-        # the distance from the difference, not |q|^2 + |m|^2 - 2 <q, m>: no cancellation where it is small
-        patch_scores = (rows - memory[nearest]).square().sum(1).sqrt().view(batch, 1, height, width)
+        # The search ranks by |q|^2 + |m|^2 - 2 <q, m>, whose float32 rounding can swap near-tied patches (and
+        # differs between the kernels and an exported graph): re-rank its best few by the distance computed from
+        # the difference, so every path scores the same patch up to rounding.
+        _, candidates = nearest_items(rows, memory, min(RERANKED, memory.shape[0]))
+        exact, best = (rows[:, None] - memory[candidates]).square().sum(-1).min(1)
+        nearest = candidates.gather(1, best[:, None])[:, 0]
+        patch_scores = exact.sqrt().view(batch, 1, height, width)
         maps = F.interpolate(patch_scores, size=self.config.size, mode="bilinear", align_corners=False)
         maps = gaussian_blur_reference(maps.float(), self.config.sigma)
         return maps, self._image_scores(patch_scores, rows.view(batch, height * width, -1), nearest.view(batch, -1),
