@@ -17,7 +17,7 @@ CHANNELS, SIZES = (4, 6, 8), ((8, 8), (4, 4), (2, 2))
 
 
 def tiny_dmgrd(**options) -> dmgrd.DMGRD:
-    """A random-weight DM-GRD at 64x64 with both memory banks built from 4 random images."""
+    """A random-weight DM-GRD at 64x64 whose (used) memory banks are built from 4 random images."""
     torch.manual_seed(0)
     model = dmgrd.DMGRD(LITE0, weights=None, image_size=64, memory_size=3, texture_count=2, ssot_points=16,
                         **options)

@@ -22,9 +22,9 @@ def synthetic(split: str, count: int, size: int = 64):
     return torch.utils.data.Subset(data, range(min(count, len(data))))
 
 
-def fitted(count: int = 6, **options) -> dmgrd.PatchCore:
+def fitted(count: int = 6, preset: str = "official", **options) -> dmgrd.PatchCore:
     torch.manual_seed(0)
-    model = dmgrd.PatchCore(LITE0, weights=None, image_size=64, **options)
+    model = dmgrd.PatchCore(LITE0, weights=None, preset=preset, image_size=64, **options)
     model.fit(synthetic("train", count), batch_size=4, progress=False)
     return model
 
@@ -37,7 +37,7 @@ def test_config_checks():
 
 
 def test_patch_features_are_averaged_levels_on_the_finer_grid(gen):
-    model = dmgrd.PatchCore(LITE0, weights=None, image_size=64).eval()
+    model = dmgrd.PatchCore(LITE0, weights=None, preset="official", image_size=64).eval()
     images = torch.rand(2, 3, 64, 64, generator=gen)
     feats = model.patch_features(images)
     _, c2, c3 = model.teacher.channels
@@ -47,6 +47,20 @@ def test_patch_features_are_averaged_levels_on_the_finer_grid(gen):
     torch.testing.assert_close(feats[:, :c2], expected2)
     pooled3 = F.avg_pool2d(f3, 3, stride=1, padding=1, count_include_pad=False)
     torch.testing.assert_close(feats[:, c2:], F.interpolate(pooled3, size=(8, 8), mode="bilinear"))
+
+
+def test_clean_patch_features_are_the_unit_length_stride_16_level(gen):
+    model = dmgrd.PatchCore(LITE0, weights=None, image_size=64).eval()
+    assert model.config.levels == (3,) and model.config.normalize
+    images = torch.rand(2, 3, 64, 64, generator=gen)
+    feats = model.patch_features(images)
+    pooled3 = F.avg_pool2d(model.teacher(images)[2], 3, stride=1, padding=1, count_include_pad=False)
+    torch.testing.assert_close(feats, pooled3 / pooled3.norm(dim=1, keepdim=True))
+    both = dmgrd.PatchCore(LITE0, weights=None, image_size=64, levels=(2, 3)).eval().patch_features(images)
+    c2 = model.teacher.channels[1]
+    # each level is scaled to unit length on its own grid (the coarser one before its upsampling)
+    torch.testing.assert_close(both[:, :c2].norm(dim=1), torch.ones(2, 8, 8))
+    assert (both[:, c2:].norm(dim=1) <= 1 + 1e-5).all() and both[:, c2:].norm(dim=1).min() > 0.5
 
 
 def test_the_memory_is_a_coreset_of_the_training_patches():

@@ -11,18 +11,22 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from dmgrd.data.textures import load_textures
 from dmgrd.losses import SSOT_MODES, contrast_loss, kd_loss, memory_margin_loss, ssot_loss, triplet_loss
 from dmgrd.models.config import ModelConfig
-from dmgrd.models.fusion import ATTENTION_MODES, MSFF
-from dmgrd.models.memory import MEMORY_KINDS, SELECTIONS, MemoryBank, PatchMemoryBank
+from dmgrd.models.fusion import ATTENTION_MODES, MSFF, GuidedProjection
+from dmgrd.models.memory import MEMORY_KINDS, SELECTIONS, MemoryBank, PatchMemoryBank, Selection, guided_input
 from dmgrd.models.reverse_distillation import ReverseDistillation
 from dmgrd.synthesis import BLEND_MODES, AnomalySynthesizer, procedural_textures
 
 KD_TARGETS = ("input", "clean")
 SAMPLE_ORDERS = ("random", "alternate")
 TRIPLET_MODES = ("embedding", "memory", "legacy", "off")
+# Parts an ablation can switch off (``ablate``); the other ablations are settings of their own: ``triplet="off"``,
+# ``blend``, ``memory="patch"``, ``memory_map_levels=()``.
+ABLATIONS = ("normal_memory", "abnormal_memory", "msff")
 
 
 @dataclass
@@ -51,6 +55,16 @@ class DMGRDConfig(ModelConfig):
     over the normalised GAP vectors of the memory items, with ``d`` the squared L2 distance of unit vectors,
     ``2 (1 - cos)`` (:func:`~dmgrd.losses.memory_margin_loss`). ``triplet_margin`` is the margin of every
     triplet mode (the official constant is ``num_levels * triplet_margin``).
+
+    ``memory_map_levels``: teacher levels (1 finest) at which the anomaly map also adds, per pixel, the cosine
+    distance of the 3x3-averaged teacher feature to its nearest 3x3-averaged patch of the normal memory
+    (:meth:`~dmgrd.models.memory.MemoryBank.nearest_unit_patches`): the normal memory then guides the student
+    *and* scores the image directly.
+
+    ``ablate`` switches parts off, for ablation studies: ``"normal_memory"`` (the fusion sees ``[F_l, 0]``: no
+    memory guides the student), ``"abnormal_memory"`` (no abnormal bank: the contrast and triplet terms, which
+    need it, are 0), ``"msff"`` (a 1x1 convolution per level maps the guided input to the student's input, with
+    no attention and no top-down pathway).
     """
 
     memory_size: int = 30
@@ -69,6 +83,8 @@ class DMGRDConfig(ModelConfig):
     memory: str = "image"
     coreset_ratio: float = 1.0
     coreset_projection: int | None = 128
+    memory_map_levels: tuple[int, ...] = ()
+    ablate: tuple[str, ...] = ()
     separation_weight: float = 0.2
     contrast_weight: float = 0.1
     triplet_weight: float = 0.1
@@ -108,6 +124,17 @@ class DMGRDConfig(ModelConfig):
             raise ValueError(f"coreset_projection must be None or a positive int, got {self.coreset_projection!r}")
         if not self.triplet_margin >= 0:
             raise ValueError(f"triplet_margin must be >= 0, got {self.triplet_margin}")
+        levels = tuple(sorted(set(self.memory_map_levels)))
+        if not set(levels) <= {1, 2, 3}:
+            raise ValueError(f"memory_map_levels must be a subset of (1, 2, 3), got {self.memory_map_levels!r}")
+        self.memory_map_levels = levels
+        ablate = (self.ablate,) if isinstance(self.ablate, str) else tuple(self.ablate)
+        if not set(ablate) <= set(ABLATIONS):
+            raise ValueError(f"ablate must name parts of {ABLATIONS}, got {self.ablate!r}")
+        self.ablate = tuple(sorted(set(ablate)))
+        if "normal_memory" in self.ablate and (levels or self.triplet in ("memory", "legacy")):
+            raise ValueError("ablate='normal_memory' leaves no normal memory for memory_map_levels or "
+                             f"triplet={self.triplet!r}")
         if self.memory == "patch" and self.triplet == "legacy":
             raise ValueError("triplet='legacy' gathers whole memory images, which memory='patch' does not select; "
                              "use memory='image' or another triplet mode")
@@ -127,7 +154,8 @@ class DMGRD(ReverseDistillation):
         channels = self.teacher.channels
         self.normal_memory = self._memory_bank(channels, sizes)
         self.abnormal_memory = self._memory_bank(channels, sizes)
-        self.fusion = MSFF(channels, self.config.attention)
+        ablated = "msff" in self.config.ablate
+        self.fusion: nn.Module = GuidedProjection(channels) if ablated else MSFF(channels, self.config.attention)
         self.synthesizer: AnomalySynthesizer | None = None
 
     def _memory_bank(self, channels, sizes) -> MemoryBank:
@@ -136,9 +164,25 @@ class DMGRD(ReverseDistillation):
             return PatchMemoryBank(channels, sizes, cfg.memory_size, cfg.coreset_ratio, cfg.coreset_projection)
         return MemoryBank(channels, sizes, cfg.memory_size, cfg.selection)
 
+    def _uses(self, part: str) -> bool:
+        return part not in self.config.ablate
+
+    def _normal_guidance(self, feats: list[torch.Tensor]) -> tuple[Selection | None, list[torch.Tensor]]:
+        if self._uses("normal_memory"):
+            return self.normal_memory.select(feats)
+        return None, [guided_input(f, f) for f in feats]
+
     def student_features(self, teacher_feats):
-        _, guided = self.normal_memory.select(teacher_feats)
+        _, guided = self._normal_guidance(teacher_feats)
         return self.decode(self.fusion(guided))
+
+    def compared_pairs(self, teacher_feats, student_feats):
+        queries, references = list(teacher_feats), list(student_feats)
+        for level in self.config.memory_map_levels:
+            query, nearest = self.normal_memory.nearest_unit_patches(teacher_feats[level - 1], level - 1)
+            queries.append(query)
+            references.append(nearest)
+        return queries, references
 
     @torch.no_grad()
     def prepare(self, train_data, generator, batch_size=8, build_memory=True):
@@ -156,7 +200,10 @@ class DMGRD(ReverseDistillation):
         self.check_images(images)
         augmented, _ = self.synthesizer.synth(images, generator)
         options = {"generator": generator} if self.config.memory == "patch" else {}
-        for bank, source in ((self.normal_memory, images), (self.abnormal_memory, augmented)):
+        banks = [(bank, source) for bank, source, part in ((self.normal_memory, images, "normal_memory"),
+                                                           (self.abnormal_memory, augmented, "abnormal_memory"))
+                 if self._uses(part)]
+        for bank, source in banks:
             chunks = [self.teacher(chunk) for chunk in source.split(batch_size)]
             bank.fill([torch.cat(level) for level in zip(*chunks, strict=True)], indices, **options)
 
@@ -184,14 +231,18 @@ class DMGRD(ReverseDistillation):
         if cfg.kd_target == "clean" and chosen.any():
             clean = self.teacher(images[chosen.flatten()])
             target = [f.index_put((chosen.flatten(),), c) for f, c in zip(feats, clean, strict=True)]
-        index_n, guided_n = self.normal_memory.select(feats)
-        index_a, guided_a = self.abnormal_memory.select(feats)
-        fused_n, fused_a = self.fusion(guided_n), self.fusion(guided_a)
+        index_n, guided_n = self._normal_guidance(feats)
+        fused_n = self.fusion(guided_n)
         student = self.decode(fused_n)
         kd = kd_loss(target, student, cfg.kd_reduction)
-        contrast = contrast_loss(fused_a, fused_n)
         ssot = ssot_loss(fused_n, cfg.ssot, generator, cfg.ssot_points)
-        triplet = self._triplet(fused_n, fused_a, index_n, index_a, generator, student)
+        if self._uses("abnormal_memory"):
+            index_a, guided_a = self.abnormal_memory.select(feats)
+            fused_a = self.fusion(guided_a)
+            contrast = contrast_loss(fused_a, fused_n)
+            triplet = self._triplet(fused_n, fused_a, index_n, index_a, generator, student)
+        else:
+            contrast = triplet = torch.zeros((), device=images.device)
         loss = kd + cfg.separation_weight * (ssot + cfg.contrast_weight * contrast) + cfg.triplet_weight * triplet
         return {"loss": loss, "kd": kd, "contrast": contrast, "ssot": ssot, "triplet": triplet}
 

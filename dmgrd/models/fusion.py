@@ -91,3 +91,14 @@ class MSFF(nn.Module):
         f1 = f1 + self.top_down21(upsample_like(f2, f1))
         # m3 = sam(x3), m2 = sam(x2) * up(m3), m1 = sam(x1) * up(m2); outputs f_l * m_l.
         return ops.fuse_pyramid([f1, f2, f3], [self.spatial_attention(x) for x in inputs])
+
+
+class GuidedProjection(nn.Module):
+    """MSFF's ablation: a 1x1 convolution per level from the guided input (``2 * C_l`` channels) to ``C_l``."""
+
+    def __init__(self, channels: tuple[int, ...]):
+        super().__init__()
+        self.levels = nn.ModuleList(nn.Conv2d(2 * c, c, 1) for c in channels)
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [conv(x) for conv, x in zip(self.levels, inputs, strict=True)]

@@ -123,6 +123,24 @@ class MemoryBank(nn.Module):
             return nearest_rows(flatten_scaled(feats, bank.dtype), bank)
         return self.distances(feats).argmin(1)
 
+    def unit_patches(self, level: int, window: int = 3) -> torch.Tensor:
+        """[L * H_l * W_l, C_l]: every item's pixels of ``level``, averaged over ``window`` x ``window`` and scaled
+        to unit length (cached)."""
+        items = self.items[level]
+        return self._cache.get(f"unit_patches_{level}_{window}", [items],
+                               lambda: pixel_rows(F.normalize(local_average(items, window), dim=1)))
+
+    def nearest_unit_patches(self, feats: torch.Tensor, level: int, window: int = 3) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+        """The queries ``feats`` [B, C_l, H, W] averaged as :meth:`unit_patches` and, for each pixel, the nearest
+        (smallest angle) of the unit patches, both ``[B, C_l, H, W]``."""
+        self.check_filled()
+        query = local_average(feats, window)
+        bank = self.unit_patches(level, window).to(feats.dtype)
+        rows = nearest_rows(pixel_rows(F.normalize(query, dim=1)), bank)
+        batch, _, height, width = feats.shape
+        return query, bank[rows].view(batch, height, width, -1).permute(0, 3, 1, 2)
+
     def check_filled(self) -> None:
         if not self.filled:
             raise RuntimeError("the memory bank is empty: fit the model (or load a fitted checkpoint) first")
@@ -222,6 +240,12 @@ def nearest_items(query: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tuple[
 def nearest_rows(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """[N]: the ``bank`` row nearest to each ``query`` row (squared L2, lowest index on ties)."""
     return nearest_items(query, bank)[1][:, 0]
+
+
+def local_average(feats: torch.Tensor, window: int) -> torch.Tensor:
+    """Each pixel's features averaged over the ``window`` x ``window`` neighbourhood inside the image (PatchCore's
+    locally aware patch features); ``window`` odd."""
+    return F.avg_pool2d(feats, window, stride=1, padding=window // 2, count_include_pad=False)
 
 
 def guided_input(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

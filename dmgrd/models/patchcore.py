@@ -21,7 +21,7 @@ from dmgrd import ops
 from dmgrd.layout import pixel_rows
 from dmgrd.models.base import AnomalyModel
 from dmgrd.models.config import ModelConfig
-from dmgrd.models.memory import nearest_items
+from dmgrd.models.memory import local_average, nearest_items
 from dmgrd.models.state import register_data_buffer
 from dmgrd.ops.anomaly_map import gaussian_blur_reference
 
@@ -31,13 +31,19 @@ RERANKED = 4  # nearest candidates re-ranked by the exact distance
 
 @dataclass
 class PatchCoreConfig(ModelConfig):
-    """PatchCore settings (the paper's defaults; the two presets are the same).
+    """PatchCore settings (``official``: the paper's defaults).
 
     ``levels``: teacher levels whose features make a patch (1 finest). ``neighbourhood``: the window of the
     locally aware average. ``coreset_ratio``: the share of the training patches kept in memory, selected by
     greedy k-center in a ``coreset_projection``-dimensional random projection (``1.0`` keeps every patch).
     ``neighbours``: the size of the reweighting's neighbourhood (``1`` switches it off). ``sigma``: the map's
-    blur.
+    blur. ``normalize``: scale each level's patch features to unit length before concatenating them, so that
+    every level weighs the same and the distance measures direction, not the feature's magnitude (for unit
+    vectors ``|q - m|^2 = 2 - 2 cos(q, m)``).
+
+    ``official`` preset: the paper (stride-8 and stride-16 levels, raw features). ``clean`` preset (default):
+    unit-length features of the stride-16 level alone; on KolektorSDD at 640×256 (docs/results.md) it
+    raises image AUROC from 0.82 to 0.95 and AUPRO@0.3 from 0.62 to 0.69.
     """
 
     levels: tuple[int, ...] = (2, 3)
@@ -45,8 +51,9 @@ class PatchCoreConfig(ModelConfig):
     coreset_ratio: float = 0.01
     coreset_projection: int | None = 128
     neighbours: int = 9
+    normalize: bool = False
 
-    PRESETS: ClassVar[dict] = {"clean": {}, "official": {}}
+    PRESETS: ClassVar[dict] = {"clean": {"levels": (3,), "normalize": True}, "official": {}}
 
     def __post_init__(self):
         super().__post_init__()
@@ -105,8 +112,9 @@ class PatchCore(AnomalyModel):
         """Locally aware patch features ``[B, D, h, w]`` on the finest chosen level's grid."""
         feats = self.teacher(images)
         window = self.config.neighbourhood
-        chosen = [F.avg_pool2d(feats[level - 1], window, stride=1, padding=window // 2, count_include_pad=False)
-                  for level in self.config.levels]
+        chosen = [local_average(feats[level - 1], window) for level in self.config.levels]
+        if self.config.normalize:
+            chosen = [F.normalize(f, dim=1) for f in chosen]
         size = chosen[0].shape[-2:]
         return torch.cat([f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear",
                                                                          align_corners=False) for f in chosen], dim=1)

@@ -42,8 +42,15 @@ class ReverseDistillation(AnomalyModel):
         teacher_feats = self.teacher(images)
         student_feats = self.student_features(teacher_feats)
         cfg = self.config
-        maps = ops.anomaly_map(teacher_feats, student_feats, cfg.size, reduce=cfg.map_reduce, sigma=cfg.sigma)
+        queries, references = self.compared_pairs(teacher_feats, student_feats)
+        maps = ops.anomaly_map(queries, references, cfg.size, reduce=cfg.map_reduce, sigma=cfg.sigma)
         return maps, self.image_scores(maps, teacher_feats, student_feats)
+
+    def compared_pairs(self, teacher_feats: list[torch.Tensor],
+                       student_feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The feature pairs whose per-pixel cosine distances, summed, make the map: the teacher and student
+        pyramids; a method may add pairs of its own."""
+        return teacher_feats, student_feats
 
     def image_scores(self, maps: torch.Tensor, teacher_feats: list[torch.Tensor],
                      student_feats: list[torch.Tensor]) -> torch.Tensor:
