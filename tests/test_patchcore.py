@@ -150,5 +150,6 @@ def test_patchcore_learns_on_real_bottle_data():
     model.fit(train, batch_size=32, progress=False)
     metrics = dmgrd.evaluate(model, test, batch_size=32, progress=False)
     assert np.isfinite(list(metrics.values())).all()
-    # coreset seeds 0-4: image AUROC 0.9889-0.9913, pixel AUROC 0.8101-0.8114 (64x64: an 8x8 patch grid)
+    # clean preset (stride-16 level: a 4x4 patch grid at 64x64), coreset seeds 0-2: image AUROC 0.9849, pixel AUROC
+    # 0.7953 at every seed (112 channels need no random projection); the official preset: 0.9889-0.9913, 0.8103-0.8114
     assert metrics["image_auroc"] > 0.97 and metrics["pixel_auroc"] > 0.78, metrics
