@@ -16,9 +16,11 @@ from tqdm.auto import tqdm
 
 from dmgrd import benchmarking, engine, models, ops, visualize
 from dmgrd._version import __version__
-from dmgrd.data import BTAD, Folder, MVTecAD, Synthetic, VisA, read_image
+from dmgrd.data import BTAD, Folder, MVTecAD, Synthetic, VisA
 from dmgrd.data.io import list_images
-from dmgrd.export import export_onnx
+from dmgrd.export import export_onnx, export_openvino
+from dmgrd.imaging import rgb_float
+from dmgrd.infer import Inferencer, pixels
 from dmgrd.layout import parse_size
 from dmgrd.metrics import compute_metrics
 from dmgrd.models import METHODS
@@ -116,40 +118,59 @@ def test(args) -> int:
 
 
 def predict(args) -> int:
-    """Score images (files or folders): scores.csv, overlays and, with --masks, binary masks."""
-    model = models.load(args.checkpoint, map_location=args.device)
+    """Score images (files or folders) with a checkpoint, ONNX file or OpenVINO IR: scores.csv (score, normalised
+    score, label), anomaly maps (float32 TIFF), overlays and, with --masks, binary masks; --tile scores large
+    images tile by tile at their own resolution."""
+    inferencer = Inferencer(args.checkpoint, device=args.device)
     files = _image_files(args.inputs)
-    stored = model.thresholds or {}
-    threshold = args.threshold if args.threshold is not None else stored.get("pixel")
+    threshold = args.threshold if args.threshold is not None else inferencer.metadata.pixel_threshold
     if args.masks and threshold is None:
-        raise SystemExit("dmgrd: the checkpoint stores no threshold (trained with --val-fraction 0): pass --threshold")
-    image_threshold = stored.get("image")
+        raise SystemExit("dmgrd: the model stores no threshold (trained with --val-fraction 0): pass --threshold")
     out = Path(args.out)
     rows = []
     for start in range(0, len(files), args.batch_size):
         chunk = files[start:start + args.batch_size]
-        images = torch.stack([read_image(f, model.config.size) for f in chunk])
-        prediction = model(images.to(model.device))
-        vmin, vmax = (0.0, 2 * threshold) if threshold else _map_range(prediction.anomaly_map)
-        outputs = zip(chunk, images, prediction.anomaly_map.cpu(), prediction.score.cpu(), strict=True)
-        for file, image, amap, score in outputs:
-            row = {"path": str(file), "score": float(score)}
-            if image_threshold is not None:
-                row["anomalous"] = int(score > image_threshold)
-            rows.append(row)
-            visualize.save_png(visualize.overlay(image, amap, vmin, vmax), out / f"{file.stem}_overlay.png")
+        if args.tile is None:  # decoded once: the model's inputs are also the overlays' images
+            images = [inferencer.preprocess(f).transpose(1, 2, 0) for f in chunk]
+            results = inferencer.predict_batch(images, args.batch_size)
+        else:
+            images = [pixels(f) for f in chunk]
+            results = [inferencer.predict_tiled(image, None if args.tile == "input" else args.tile, args.stride,
+                                                args.batch_size) for image in images]
+        for file, image, result in zip(chunk, images, results, strict=True):
+            rows.append(_prediction_row(file, result))
+            amap = torch.from_numpy(result.anomaly_map)
+            visualize.save_png(result.anomaly_map, out / f"{file.stem}_map.tiff")
+            if args.overlays:
+                vmin, vmax = (0.0, 2 * threshold) if threshold else _map_range(amap)
+                rgb = torch.from_numpy(rgb_float(image)).permute(2, 0, 1)
+                visualize.save_png(visualize.overlay(rgb, amap, vmin, vmax), out / f"{file.stem}_overlay.png")
             if args.masks:
-                mask = ((amap[0] > threshold).numpy() * 255).astype("uint8")
-                visualize.save_png(mask, out / f"{file.stem}_mask.png")
-            print(f"{file}\t{float(score):.5f}" + (f"\t{'ANOMALOUS' if row['anomalous'] else 'ok'}"
-                                                    if "anomalous" in row else ""))
+                mask = result.anomaly_map > threshold
+                visualize.save_png(mask.astype("uint8") * 255, out / f"{file.stem}_mask.png")
+            print("\t".join([str(file), f"{result.score:.5f}", *(
+                [f"{result.normalized_score:.3f}"] if result.normalized_score is not None else []), *(
+                ["ANOMALOUS" if result.label else "ok"] if result.label is not None else [])]))
     _write_rows(out / "scores.csv", rows)
     return 0
 
 
+def _prediction_row(file: Path, result) -> dict:
+    row = {"path": str(file), "score": result.score}
+    if result.normalized_score is not None:
+        row["normalized_score"] = result.normalized_score
+    if result.label is not None:
+        row["anomalous"] = int(result.label)
+    return row
+
+
 def export(args) -> int:
-    """Write the model as ONNX (pure-torch op paths), checking it against torch when onnxruntime is installed."""
+    """Write the model as ONNX or OpenVINO IR (pure-torch op paths, the decision metadata inside); ONNX is
+    checked against torch when onnxruntime is installed."""
     model = models.load(args.checkpoint)
+    if args.format == "openvino":
+        print(f"wrote {export_openvino(model, args.out, opset=args.opset)}")
+        return 0
     error = export_onnx(model, args.out, opset=args.opset)
     print(f"wrote {args.out}" + (f"; max |onnxruntime - torch| map error {error:.2e}" if error is not None else
                                   " (onnxruntime not installed: not checked)"))
@@ -210,6 +231,10 @@ def _size(text: str) -> int | tuple[int, int]:
         return parse_size(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _tile(text: str) -> str | int | tuple[int, int]:
+    return text if text == "input" else _size(text)
 
 
 def _size_text(size: int | tuple[int, int]) -> str:
@@ -303,16 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("predict", help="score new images")
     _common(p, batch_size=16)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="a checkpoint (.pt), an ONNX file (.onnx) or an OpenVINO IR (.xml)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True)
     p.add_argument("--masks", action="store_true", help="also write binary masks")
     p.add_argument("--threshold", type=float, help="pixel threshold (default: the one stored at training)")
+    p.add_argument("--no-overlays", dest="overlays", action="store_false", help="skip the overlay images")
+    p.add_argument("--tile", type=_tile,
+                   help="score each image at its own size in tiles of HxW ('input': the model's input size), "
+                        "blending their maps; the score is the largest tile score")
+    p.add_argument("--stride", type=_size, help="with --tile: the step between tiles, HxW (default: half the tile)")
     p.set_defaults(handler=predict)
 
     p = commands.add_parser("export", help="export a checkpoint")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="openvino: an IR .xml (+ .bin), needs pip install 'dmgrd[openvino]'")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--out", required=True)
     p.set_defaults(handler=export)

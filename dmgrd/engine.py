@@ -44,7 +44,9 @@ def calibrate_thresholds(model, validation, quantile: float = 0.999, batch_size:
                          progress: bool = False) -> dict[str, float]:
     """Set ``model``'s decision thresholds from held-out normal images and return them: the image threshold is
     the largest validation score, the pixel threshold the ``quantile`` of the validation map values (of at most
-    10 M of them, drawn with a fixed seed). Saved with the model; see :attr:`AnomalyModel.thresholds`."""
+    10 M of them, drawn with a fixed seed). Saved with the model together with the range of the validation
+    scores (for the normalised score of :class:`dmgrd.infer.Inferencer`); see :attr:`AnomalyModel.thresholds`
+    and :attr:`AnomalyModel.score_range`."""
     if not 0 < quantile <= 1:
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
     if len(validation) == 0:
@@ -53,7 +55,8 @@ def calibrate_thresholds(model, validation, quantile: float = 0.999, batch_size:
     pixels = results.maps.flatten()
     if pixels.numel() > 10_000_000:
         pixels = pixels[torch.randperm(pixels.numel(), generator=torch.Generator().manual_seed(0))[:10_000_000]]
-    model.set_thresholds(float(results.scores.max()), float(torch.quantile(pixels, quantile)))
+    low, high = (float(v) for v in torch.aminmax(results.scores))
+    model.set_thresholds(high, float(torch.quantile(pixels, quantile)), score_range=(low, high))
     return model.thresholds
 
 

@@ -53,23 +53,77 @@ def test_test_command_outputs_and_the_model_learned(trained, tmp_path):
     assert Image.open(out / "roc.png").size[0] > 100
 
 
-def test_predict_writes_scores_overlays_and_masks(trained, tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
+def write_test_images(folder: Path) -> Path:
+    """A normal and a defective Synthetic test image as PNG files in ``folder``."""
+    folder.mkdir()
     data = dmgrd.data.Synthetic(split="test", category="texture", image_size=64, seed=111)
     for i in (0, len(data) - 1):
         array = (data[i]["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        Image.fromarray(array).save(images / f"img{i}.png")
+        Image.fromarray(array).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_predict_writes_scores_overlays_maps_and_masks(trained, tmp_path):
+    images = write_test_images(tmp_path / "images")
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(trained / "model.pt"), str(images), "--out", str(out), "--masks",
                  "--device", "cpu"]) == 0
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert len(rows) == 2 and all(float(r["score"]) > 0 for r in rows)
+    assert [r["anomalous"] for r in rows] == ["0", "1"]  # the normal image and the defective one
+    assert all(0 <= float(r["normalized_score"]) <= 1 for r in rows)
+    assert float(rows[0]["normalized_score"]) <= 0.5 < float(rows[1]["normalized_score"])
     for row in rows:
         stem = Path(row["path"]).stem
-        assert (out / f"{stem}_overlay.png").is_file()
+        assert np.asarray(Image.open(out / f"{stem}_overlay.png")).shape == (64, 64, 3)
+        amap = np.asarray(Image.open(out / f"{stem}_map.tiff"))
+        assert amap.shape == (64, 64) and amap.dtype == np.float32
         mask = np.asarray(Image.open(out / f"{stem}_mask.png"))
-        assert set(np.unique(mask)) <= {0, 255}
+        assert np.array_equal(mask == 255, amap > dmgrd.load(trained / "model.pt").thresholds["pixel"])
+
+
+def test_predict_takes_a_checkpoint_onnx_or_openvino_alike(trained, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    images = write_test_images(tmp_path / "images")
+    formats = {"checkpoint": trained / "model.pt", "onnx": tmp_path / "model.onnx"}
+    assert main(["export", "--checkpoint", str(formats["checkpoint"]), "--out", str(formats["onnx"])]) == 0
+    try:
+        import openvino  # noqa: F401
+        formats["openvino"] = tmp_path / "model.xml"
+        assert main(["export", "--checkpoint", str(formats["checkpoint"]), "--format", "openvino", "--out",
+                     str(formats["openvino"])]) == 0
+    except ImportError:
+        pass  # test_infer.py says that it is skipped
+    found = {}
+    for kind, path in formats.items():
+        out = tmp_path / kind
+        assert main(["predict", "--model", str(path), str(images), "--out", str(out), "--masks"]) == 0
+        rows = list(csv.DictReader((out / "scores.csv").open()))
+        masks = [np.asarray(Image.open(out / f"{Path(r['path']).stem}_mask.png")) for r in rows]
+        found[kind] = rows, masks
+    want_rows, want_masks = found.pop("checkpoint")
+    for rows, masks in found.values():
+        assert [r["anomalous"] for r in rows] == [r["anomalous"] for r in want_rows]
+        for got, want in zip(rows, want_rows, strict=True):
+            assert abs(float(got["score"]) - float(want["score"])) < 1e-4
+            assert abs(float(got["normalized_score"]) - float(want["normalized_score"])) < 1e-4
+        assert all(np.array_equal(a, b) for a, b in zip(masks, want_masks, strict=True))
+
+
+def test_predict_tiles_images_at_their_own_size(trained, tmp_path):
+    image = tmp_path / "large.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 100, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained / "model.pt"), str(image), "--out", str(out), "--masks",
+                 "--tile", "input", "--stride", "32x48"]) == 0
+    assert np.asarray(Image.open(out / "large_map.tiff")).shape == (150, 100)
+    assert np.asarray(Image.open(out / "large_mask.png")).shape == (150, 100)
+    assert np.asarray(Image.open(out / "large_overlay.png")).shape == (150, 100, 3)
+    row = next(csv.DictReader((out / "scores.csv").open()))
+    want = dmgrd.Inferencer(trained / "model.pt").predict_tiled(image, stride=(32, 48))
+    assert float(row["score"]) == pytest.approx(want.score, rel=1e-6)
+    with pytest.raises(SystemExit):  # argparse: the tile is HxW or 'input'
+        main(["predict", "--checkpoint", str(trained / "model.pt"), str(image), "--out", str(out), "--tile", "big"])
 
 
 def test_predict_bad_paths(trained, tmp_path):

@@ -48,6 +48,7 @@ class AnomalyModel(nn.Module):
     teacher: Teacher
     image_threshold: torch.Tensor
     pixel_threshold: torch.Tensor
+    normal_score_range: torch.Tensor
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -68,6 +69,8 @@ class AnomalyModel(nn.Module):
         # Decision thresholds on the image score and the map, chosen on held-out normal images (NaN: not set).
         register_data_buffer(self, "image_threshold", torch.tensor(float("nan")))
         register_data_buffer(self, "pixel_threshold", torch.tensor(float("nan")))
+        # (min, max) of those images' scores, for the normalised score of dmgrd.infer (NaN: not recorded).
+        register_data_buffer(self, "normal_score_range", torch.full((2,), float("nan")))
 
     # -- to implement -------------------------------------------------------------------------------
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,14 +105,28 @@ class AnomalyModel(nn.Module):
         image, pixel = float(self.image_threshold), float(self.pixel_threshold)
         return None if math.isnan(image) or math.isnan(pixel) else {"image": image, "pixel": pixel}
 
+    @property
+    def score_range(self) -> tuple[float, float] | None:
+        """``(min, max)`` of the held-out normal images' scores that set the thresholds, or None when not recorded;
+        the normalised score of :class:`dmgrd.infer.Inferencer` maps the image threshold to 0.5 with them."""
+        low, high = (float(v) for v in self.normal_score_range)
+        return None if math.isnan(low) or math.isnan(high) else (low, high)
+
     @torch.no_grad()
-    def set_thresholds(self, image: float, pixel: float) -> None:
-        """Store the decision thresholds (saved with the model)."""
-        for name, value in (("image", image), ("pixel", pixel)):
+    def set_thresholds(self, image: float, pixel: float, score_range: tuple[float, float] | None = None) -> None:
+        """Store the decision thresholds and, optionally, the ``(min, max)`` of the scores they came from (saved
+        with the model)."""
+        values = {"image threshold": image, "pixel threshold": pixel}
+        if score_range is not None:
+            values.update(zip(("score minimum", "score maximum"), score_range, strict=True))
+        for name, value in values.items():
             if not math.isfinite(value):
-                raise ValueError(f"the {name} threshold must be a finite number, got {value}")
+                raise ValueError(f"the {name} must be a finite number, got {value}")
+        if score_range is not None and score_range[0] > score_range[1]:
+            raise ValueError(f"the score range {score_range} must be (min, max)")
         self.image_threshold.fill_(image)
         self.pixel_threshold.fill_(pixel)
+        self.normal_score_range.copy_(torch.tensor(score_range or (math.nan, math.nan)))
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raise ValueError unless ``images`` is a float [B, 3, H, W] batch on the model's device at its image
