@@ -68,6 +68,8 @@ class AnomalyModel(nn.Module):
         # Decision thresholds on the image score and the map, chosen on held-out normal images (NaN: not set).
         register_data_buffer(self, "image_threshold", torch.tensor(float("nan")))
         register_data_buffer(self, "pixel_threshold", torch.tensor(float("nan")))
+        # Unified (multi-class) training: thresholds per category, {category: {"image": .., "pixel": ..}}.
+        self.category_thresholds: dict[str, dict[str, float]] = {}
 
     # -- to implement -------------------------------------------------------------------------------
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +105,22 @@ class AnomalyModel(nn.Module):
         return None if math.isnan(image) or math.isnan(pixel) else {"image": image, "pixel": pixel}
 
     @torch.no_grad()
-    def set_thresholds(self, image: float, pixel: float) -> None:
-        """Store the decision thresholds (saved with the model)."""
+    def set_thresholds(self, image: float, pixel: float, category: str | None = None) -> None:
+        """Store the decision thresholds (saved with the model); with ``category``, that category's
+        (:meth:`thresholds_for`)."""
         for name, value in (("image", image), ("pixel", pixel)):
             if not math.isfinite(value):
                 raise ValueError(f"the {name} threshold must be a finite number, got {value}")
+        if category is not None:
+            self.category_thresholds[category] = {"image": float(image), "pixel": float(pixel)}
+            return
         self.image_threshold.fill_(image)
         self.pixel_threshold.fill_(pixel)
+
+    def thresholds_for(self, category: str | None) -> dict[str, float] | None:
+        """The thresholds of ``category`` when it has its own (unified training over several categories),
+        else :attr:`thresholds`."""
+        return self.category_thresholds.get(category, self.thresholds) if category is not None else self.thresholds
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raise ValueError unless ``images`` is a float [B, 3, H, W] batch on the model's device at its image
@@ -169,6 +180,7 @@ class AnomalyModel(nn.Module):
             "config": self.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
             "data_state": [name for name, _ in data_buffers(self)],
+            **({"category_thresholds": self.category_thresholds} if self.category_thresholds else {}),
             **extra,
         }
         atomic_save(payload, Path(path))
