@@ -31,7 +31,8 @@ CONFIG_NAME = "config.json"
 # train options that config.json does not record: where to write, whether to resume, the file itself
 UNRECORDED = ("command", "handler", "out", "resume", "config")
 # what config.json records besides the train options; `train --config` skips these entries
-RECORD_ONLY = ("model", "train_images", "validation_images", "thresholds", "environment", "checkpoint")
+RECORD_ONLY = ("model", "train_images", "validation_images", "thresholds", "category_thresholds", "environment",
+               "checkpoint")
 
 
 # -- data ---------------------------------------------------------------------------------------------------
@@ -109,6 +110,7 @@ def train(args) -> int:
     model.save(checkpoint, train_state=read_payload(checkpoint)["train_state"])
     config = {**recorded, "model": model.config.to_dict(), "train_images": len(train_data),
               "validation_images": 0 if validation is None else len(validation), "thresholds": model.thresholds,
+              **({"category_thresholds": model.category_thresholds} if model.category_thresholds else {}),
               "checkpoint": CHECKPOINT_NAME, "environment": environment()}
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=1))
     _write_rows(out / "train_log.csv", [{"step": i, **row} for i, row in enumerate(history)])

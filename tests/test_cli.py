@@ -133,10 +133,11 @@ def test_unified_training_on_two_categories_has_metrics_and_thresholds_per_categ
     run = tmp_path / "run"
     assert main(["train", *data, "--device", "cpu", "--method", "rd4ad", "--backbone", "efficientnet_lite0",
                  "--image-size", "64", "--steps", "20", "--out", str(run)]) == 0
-    assert json.loads((run / "config.json").read_text())["data"] == ["synthetic:texture", "synthetic:object"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"] == ["synthetic:texture", "synthetic:object"]
     model = dmgrd.load(run / "model.pt")
     names = ["synthetic-texture", "synthetic-object"]
-    assert list(model.category_thresholds) == names
+    assert list(model.category_thresholds) == names and config["category_thresholds"] == model.category_thresholds
     train = dmgrd.data.Categories({n: dmgrd.data.Synthetic("train", n.split("-")[1], 64, seed=111) for n in names})
     _, validation = dmgrd.engine.split_validation(train, 0.1, 111)
     for name in names:  # each category's thresholds are those of its own validation images alone
@@ -157,6 +158,21 @@ def test_unified_training_on_two_categories_has_metrics_and_thresholds_per_categ
     assert summary["category_metrics"] == metrics["per_category"]
     assert {e["category"] for e in summary["images"]} == set(names) and len(summary["images"]) == 200
     check_order(summary)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.open(out / "report" / summary["images"][0]["files"]["image"]).save(images / "one.png")
+    amap = model(dmgrd.data.read_image(images / "one.png")[None]).anomaly_map[0, 0]
+    for category in names:  # predict judges by that category's thresholds
+        assert main(["predict", "--checkpoint", str(run / "model.pt"), str(images), "--out", str(tmp_path / category),
+                     "--category", category, "--masks", "--device", "cpu"]) == 0
+        own = model.category_thresholds[category]
+        row = next(csv.DictReader((tmp_path / category / "scores.csv").open()))
+        assert int(row["anomalous"]) == int(float(row["score"]) > own["image"])
+        mask = np.asarray(Image.open(tmp_path / category / "one_mask.png")) == 255
+        assert np.array_equal(mask, (amap > own["pixel"]).numpy())
+    with pytest.raises(SystemExit, match="no thresholds of category 'bottle'"):
+        main(["predict", "--checkpoint", str(run / "model.pt"), str(images), "--out", str(tmp_path / "p"),
+              "--category", "bottle"])
 
 
 def test_predict_writes_scores_overlays_and_masks(trained, tmp_path):
