@@ -10,7 +10,7 @@ thresholds, score range) comes from the file (:mod:`dmgrd.metadata`), never from
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -151,6 +151,19 @@ class Inferencer:
     @property
     def input_size(self) -> tuple[int, int]:
         return self.metadata.input_size
+
+    def use_category(self, category: str) -> None:
+        """Decide with ``category``'s own thresholds, those of a checkpoint trained on several categories at once
+        (exported files carry only the model's overall thresholds)."""
+        model = getattr(self.backend, "model", None)
+        if model is None:
+            raise ValueError(f"{self.path}: per-category thresholds are kept in checkpoints (.pt), not in "
+                             f"{self.format} files")
+        if category not in model.category_thresholds:
+            raise ValueError(f"{self.path} has no thresholds of category {category!r} (it has: "
+                             f"{', '.join(model.category_thresholds) or 'none; it was trained on one category'})")
+        own = model.category_thresholds[category]
+        self.metadata = replace(self.metadata, image_threshold=own["image"], pixel_threshold=own["pixel"])
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """The model's float32 [3, H, W] input for ``image`` (RGB, [0, 1], resized to :attr:`input_size`)."""

@@ -71,6 +71,8 @@ class AnomalyModel(nn.Module):
         register_data_buffer(self, "pixel_threshold", torch.tensor(float("nan")))
         # (min, max) of those images' scores, for the normalised score of dmgrd.infer (NaN: not recorded).
         register_data_buffer(self, "normal_score_range", torch.full((2,), float("nan")))
+        # Unified (multi-class) training: thresholds per category, {category: {"image": .., "pixel": ..}}.
+        self.category_thresholds: dict[str, dict[str, float]] = {}
 
     # -- to implement -------------------------------------------------------------------------------
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +115,10 @@ class AnomalyModel(nn.Module):
         return None if math.isnan(low) or math.isnan(high) else (low, high)
 
     @torch.no_grad()
-    def set_thresholds(self, image: float, pixel: float, score_range: tuple[float, float] | None = None) -> None:
+    def set_thresholds(self, image: float, pixel: float, score_range: tuple[float, float] | None = None,
+                       category: str | None = None) -> None:
         """Store the decision thresholds and, optionally, the ``(min, max)`` of the scores they came from (saved
-        with the model)."""
+        with the model); with ``category``, that category's thresholds (:meth:`thresholds_for`)."""
         values = {"image threshold": image, "pixel threshold": pixel}
         if score_range is not None:
             values.update(zip(("score minimum", "score maximum"), score_range, strict=True))
@@ -124,9 +127,17 @@ class AnomalyModel(nn.Module):
                 raise ValueError(f"the {name} must be a finite number, got {value}")
         if score_range is not None and score_range[0] > score_range[1]:
             raise ValueError(f"the score range {score_range} must be (min, max)")
+        if category is not None:
+            self.category_thresholds[category] = {"image": float(image), "pixel": float(pixel)}
+            return
         self.image_threshold.fill_(image)
         self.pixel_threshold.fill_(pixel)
         self.normal_score_range.copy_(torch.tensor(score_range or (math.nan, math.nan)))
+
+    def thresholds_for(self, category: str | None) -> dict[str, float] | None:
+        """The thresholds of ``category`` when it has its own (unified training over several categories),
+        else :attr:`thresholds`."""
+        return self.category_thresholds.get(category, self.thresholds) if category is not None else self.thresholds
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raise ValueError unless ``images`` is a float [B, 3, H, W] batch on the model's device at its image
@@ -186,6 +197,7 @@ class AnomalyModel(nn.Module):
             "config": self.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
             "data_state": [name for name, _ in data_buffers(self)],
+            **({"category_thresholds": self.category_thresholds} if self.category_thresholds else {}),
             **extra,
         }
         atomic_save(payload, Path(path))

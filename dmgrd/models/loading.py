@@ -44,6 +44,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device | None = 
         raise ValueError(f"{path}: the saved weights do not fit a {method} model of the saved configuration: "
                          f"{exc}") from None
     model.config.weights = saved["weights"]
+    model.category_thresholds = payload.pop("category_thresholds", {})
     model.eval()
     if map_location is not None:
         model.to(map_location)
