@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.dmgrd-installed
 SOURCES := pyproject.toml setup.py $(shell find dmgrd kernels csrc -type f -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: demo test test-min bench bench-models lint
+.PHONY: demo test test-min bench bench-models gpu-wheels gpu-check lint
 
 $(INSTALLED): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,17 @@ bench-models: $(INSTALLED)
 	mkdir -p .benchmarks
 	$(BIN)/pytest benchmarks/bench_models.py --benchmark-only --benchmark-json=.benchmarks/models.json
 	$(BIN)/python benchmarks/models_table.py .benchmarks/models.json
+
+# `make gpu-wheels` (where pip reaches a registry) fills .gpu-wheels/ with the pure-Python dependencies; `make
+# gpu-check` (on a CUDA machine with torch and triton installed, no registry needed) installs what is missing
+# from there, builds dmgrd, runs the CUDA/Triton tests and the benchmarks and prints one summary (under 8 min).
+GPU_WHEELS ?= .gpu-wheels
+
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps -d $(GPU_WHEELS) $$($(PYTHON) benchmarks/gpu_check.py --requirements)
+
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --wheels $(GPU_WHEELS)
 
 # ruff (style, imports, likely bugs), mypy (types of dmgrd/), import-linter (layers import downwards, no cycles;
 # [tool.importlinter] in pyproject.toml), all on the source tree.

@@ -56,10 +56,12 @@ def test_optimized_model_predicts_the_same(method, backbone):
     assert fast(images).anomaly_map.is_inference()
 
 
-def test_channels_last_predicts_the_same():
+@pytest.mark.parametrize("channels_last", [None, False])
+def test_channels_last_is_the_cpu_default_and_can_be_turned_off(channels_last):
     plain = fitted("dmgrd", "resnet18")
-    fast = copy.deepcopy(plain).optimize(channels_last=True)
-    assert fast.teacher.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    fast = copy.deepcopy(plain).optimize(channels_last=channels_last)
+    weight = fast.teacher.body.conv1.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) == (channels_last is None)
     assert_same_prediction(plain, fast, torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4)))
 
 

@@ -157,11 +157,12 @@ class AnomalyModel(nn.Module):
         with torch.inference_mode() if self.optimized else contextlib.nullcontext():
             return Prediction(*self.score(self.input_images(images)))
 
-    def optimize(self, *, channels_last: bool = False, compile: bool = False) -> AnomalyModel:
+    def optimize(self, *, channels_last: bool | None = None, compile: bool = False) -> AnomalyModel:
         """Make this fitted model a faster predictor, in place, and return it: eval mode, frozen weights,
-        BatchNorm folded into the convolutions before it, optionally channels_last weights and a
-        ``torch.compile``d :meth:`score` (warm-up on the first batch of each shape). Predictions match the
-        plain model up to float rounding; an optimised model can no longer be trained or saved."""
+        BatchNorm folded into the convolutions before it, channels_last weights (default: on CPU) and, with
+        ``compile=True``, a ``torch.compile``d :meth:`score` (compiled on the first batch of each shape).
+        Predictions match the plain model up to float rounding; an optimised model can no longer be trained or
+        saved (:func:`dmgrd.models.optimize.optimize`)."""
         return optimize(self, channels_last=channels_last, compile=compile)
 
     def fit(self, train_data, steps: int = 1000, batch_size: int = 8, **kwargs: Any) -> list[dict[str, float]]:
