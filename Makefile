@@ -37,6 +37,7 @@ test-min: $(MIN_INSTALLED)
 	TRITON_INTERPRET=$${TRITON_INTERPRET:-1} $(MIN_VENV)/bin/pytest tests
 
 bench: $(INSTALLED)
+	mkdir -p .benchmarks
 	$(BIN)/pytest benchmarks --benchmark-only --benchmark-json=.benchmarks/all.json
 	$(BIN)/python benchmarks/models_table.py .benchmarks/all.json
 

@@ -12,13 +12,16 @@ CPU, ``torch.cuda.max_memory_allocated`` on a GPU). ``extra_info`` holds the sta
 Environment: ``DMGRD_BENCH_SIZE`` (image side, default 64; 256 with ``DMGRD_BENCH_FULL``),
 ``DMGRD_BENCH_TRAIN_BATCH`` (default 2; 8 with ``DMGRD_BENCH_FULL``), ``DMGRD_BENCH_METHODS`` and
 ``DMGRD_BENCH_BACKBONES`` (comma-separated subsets), ``DMGRD_BENCH_PRESETS`` (default ``clean,official``),
-``DMGRD_BENCH_DEVICE`` (default cuda when present).
+``DMGRD_BENCH_DEVICE`` (default cuda when present), ``DMGRD_BENCH_COMPILE=1`` (also ``optimize(compile=True)``,
+with its warm-up time; minutes per model on CPU).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
+import time
 
 import pytest
 import torch
@@ -33,6 +36,7 @@ TRAIN_BATCH = int(os.environ.get("DMGRD_BENCH_TRAIN_BATCH", 8 if FULL else 2))
 DEVICE = torch.device(os.environ.get("DMGRD_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 BATCHES = (1, 64) if DEVICE.type == "cuda" else (1, 8)
 ROUNDS = 10 if DEVICE.type == "cuda" else 2
+COMPILE = os.environ.get("DMGRD_BENCH_COMPILE") == "1"  # adds the torch.compile'd model (minutes of warm-up on CPU)
 TEACHERS = {"wide_resnet50_2": None, "efficientnet_lite0": "imagenet"}  # no ImageNet WRN50 weights offline
 METHOD_NAMES = os.environ.get("DMGRD_BENCH_METHODS", ",".join(sorted(METHODS))).split(",")
 BACKBONE_NAMES = os.environ.get("DMGRD_BENCH_BACKBONES", ",".join(TEACHERS)).split(",")
@@ -99,7 +103,7 @@ CASES = [pytest.param(m, b, p, id=f"{m}-{b}-{p}")
          for m in METHOD_NAMES for b in BACKBONE_NAMES for p in PRESET_NAMES]
 
 
-@pytest.mark.parametrize("mode", ["plain", "optimized", "train"])
+@pytest.mark.parametrize("mode", ["plain", "optimized", "train", *(["compiled"] if COMPILE else [])])
 @pytest.mark.parametrize("method,backbone,preset", CASES)
 def test_model(benchmark, method, backbone, preset, mode):
     model = prepared(method, backbone, preset)
@@ -109,16 +113,27 @@ def test_model(benchmark, method, backbone, preset, mode):
             pytest.skip(f"{method} has no training step (fit builds its memory bank)")
         bench_training(benchmark, model)
         return
+    if mode == "compiled":
+        bench_compiled(benchmark, copy.deepcopy(model).optimize(compile=True))
+        return
     if mode == "optimized":
-        model = optimized_copy(model)
+        model = copy.deepcopy(model).optimize()
     for batch in BATCHES:
         benchmark_inference(benchmark, model, batch, mode)
 
 
-def optimized_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model).optimize()
+def bench_compiled(benchmark, model) -> None:
+    """images/s of the compiled model at the largest batch and the warm-up (compilation) time; no stage
+    breakdown (hooks inside a compiled graph would break it)."""
+    batch = BATCHES[-1]
+    images = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    start = time.perf_counter()
+    model(images)
+    synchronize(DEVICE)
+    benchmark.extra_info.update({"mode": "compiled", "batch": batch,
+                                 "compile_warmup_s": round(time.perf_counter() - start, 1)})
+    benchmark.pedantic(lambda: (model(images), synchronize(DEVICE)), rounds=ROUNDS, iterations=1)
+    benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 2)
 
 
 def benchmark_inference(benchmark, model, batch: int, mode: str) -> None:

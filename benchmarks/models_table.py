@@ -13,15 +13,20 @@ STAGES = ("teacher", "synthesis", "memory", "fusion", "student", "other", "backw
 
 
 def rows(report: dict) -> list[list[str]]:
-    """One row per benchmark: case, mode, batch, images/s (and at batch 1), ms per stage, GFLOP/s, memory."""
+    """One row per model benchmark: case, mode, batch, images/s (and at batch 1), ms per stage, GFLOP/s, memory."""
     table = []
     for bench in report["benchmarks"]:
+        if not bench["name"].startswith("test_model["):  # the op benchmarks of a `make bench` report
+            continue
         info = bench["extra_info"]
-        case = re.sub(r"^test_model\[|-(plain|optimized|train)\]$", "", bench["name"])
+        case = re.sub(r"^test_model\[|-(plain|optimized|train|compiled)\]$", "", bench["name"])
         stages = info.get("stages", {})
         total_ms = sum(s["ms"] for s in stages.values())
         achieved = sum(s["GFLOP"] for s in stages.values()) / total_ms * 1e3 if total_ms else 0.0
-        table.append([case, info.get("mode", ""), str(info.get("batch", "")), f"{info.get('images_per_s', 0):.1f}",
+        mode = info.get("mode", "")
+        if "compile_warmup_s" in info:
+            mode += f" ({info['compile_warmup_s']:.0f} s warm-up)"
+        table.append([case, mode, str(info.get("batch", "")), f"{info.get('images_per_s', 0):.1f}",
                       f"{info['images_per_s_batch1']:.1f}" if "images_per_s_batch1" in info else "",
                       *(f"{stages[s]['ms']:.0f}" if s in stages else "" for s in STAGES),
                       f"{info.get('GFLOP_total', 0):.2f}", f"{achieved:.1f}",
