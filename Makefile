@@ -42,7 +42,7 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/models_table.py .benchmarks/all.json
 
 # End-to-end images/s and training step per method x teacher x preset, with the per-stage table; small sizes
-# by default (a few minutes on CPU), DMGRD_BENCH_FULL=1 for 256x256 and batch-8 training.
+# by default (64x64: ~15 min for all methods on a 2-core CPU), DMGRD_BENCH_FULL=1 for 256x256 and batch-8 training.
 bench-models: $(INSTALLED)
 	mkdir -p .benchmarks
 	$(BIN)/pytest benchmarks/bench_models.py --benchmark-only --benchmark-json=.benchmarks/models.json

@@ -6,7 +6,8 @@ official path as the reference): inference at batch 1 and 8 (64 on a GPU), plain
 CPU, ``torch.cuda.max_memory_allocated`` on a GPU). ``extra_info`` holds the stage breakdown (ms, GFLOPs from
 ``FlopCounterMode``, achieved GFLOP/s) beside this machine's fp32 GEMM rate measured in the same run.
 
-    make bench-models                      # small default sizes (a few minutes on CPU), then the table
+    make bench-models                      # 64x64: ~15 min for all methods on a 2-core CPU, then the table
+    DMGRD_BENCH_METHODS=dmgrd,rd4ad,patchcore make bench-models   # ~7 min
     DMGRD_BENCH_FULL=1 make bench-models   # 256x256, batch 8 training
 
 Environment: ``DMGRD_BENCH_SIZE`` (image side, default 64; 256 with ``DMGRD_BENCH_FULL``),
