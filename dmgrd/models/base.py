@@ -3,6 +3,7 @@ checks, decision thresholds, fit and save."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch import nn
 from dmgrd.models import training
 from dmgrd.models.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
 from dmgrd.models.config import ModelConfig
+from dmgrd.models.optimize import optimize
 from dmgrd.models.state import data_buffers, register_data_buffer
 from dmgrd.models.teacher import Teacher
 
@@ -44,6 +46,8 @@ class AnomalyModel(nn.Module):
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     # False for a method whose prepare() builds the whole model (fit() then runs no optimiser steps).
     needs_training: ClassVar[bool] = True
+    # True after optimize(): BatchNorm is folded, so the model predicts but can neither train nor be saved.
+    optimized: bool = False
     config: ModelConfig
     teacher: Teacher
     image_threshold: torch.Tensor
@@ -176,8 +180,18 @@ class AnomalyModel(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> Prediction:
         """Anomaly maps and scores for a batch of [0, 1] images at ``image_size`` (no autograd graph): the one
-        inference path, which evaluation, the CLI, the benchmarks and ONNX export all run."""
-        return Prediction(*self.score(self.input_images(images)))
+        inference path, which evaluation, the CLI, the benchmarks and ONNX export all run (under
+        ``torch.inference_mode`` after :meth:`optimize`)."""
+        with torch.inference_mode() if self.optimized else contextlib.nullcontext():
+            return Prediction(*self.score(self.input_images(images)))
+
+    def optimize(self, *, channels_last: bool | None = None, compile: bool = False) -> AnomalyModel:
+        """Make this fitted model a faster predictor, in place, and return it: eval mode, frozen weights,
+        BatchNorm folded into the convolutions before it, channels_last weights (default: on CPU) and, with
+        ``compile=True``, a ``torch.compile``d :meth:`score` (compiled on the first batch of each shape).
+        Predictions match the plain model up to float rounding; an optimised model can no longer be trained or
+        saved (:func:`dmgrd.models.optimize.optimize`)."""
+        return optimize(self, channels_last=channels_last, compile=compile)
 
     def fit(self, train_data, steps: int = 1000, batch_size: int = 8, **kwargs: Any) -> list[dict[str, float]]:
         """Train on a data set of normal images (items with ``"image"``); see :func:`dmgrd.models.training.fit`."""
@@ -190,6 +204,7 @@ class AnomalyModel(nn.Module):
         ``extra`` entries (tensors, numbers, strings, lists and dicts of them) are stored beside the model,
         e.g. the training state for resuming; :func:`dmgrd.models.loading.read_checkpoint` returns them.
         """
+        self._require_unoptimized("save")
         payload = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -201,3 +216,9 @@ class AnomalyModel(nn.Module):
             **extra,
         }
         atomic_save(payload, Path(path))
+
+    def _require_unoptimized(self, action: str) -> None:
+        if self.optimized:
+            raise RuntimeError(f"cannot {action} a model after optimize() (its BatchNorm layers are folded into "
+                               f"the convolutions): {action} the model first, then call optimize() on it or on "
+                               f"a loaded copy")
