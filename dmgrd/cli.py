@@ -2,10 +2,10 @@
 
 import argparse
 import csv
-import importlib.metadata
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,11 +14,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from dmgrd import benchmarking, engine, models, ops, visualize
+from dmgrd import benchmarking, engine, models, ops, report, visualize
 from dmgrd._version import __version__
-from dmgrd.data import BTAD, Folder, MVTecAD, Synthetic, VisA, read_image
+from dmgrd.data import BTAD, Categories, Folder, MVTecAD, Synthetic, VisA
 from dmgrd.data.io import list_images
-from dmgrd.export import export_onnx
+from dmgrd.environment import environment, package_version
+from dmgrd.export import export_onnx, export_openvino
+from dmgrd.imaging import rgb_float
+from dmgrd.infer import Inferencer, pixels
 from dmgrd.layout import parse_size
 from dmgrd.metrics import compute_metrics
 from dmgrd.models import METHODS
@@ -26,12 +29,20 @@ from dmgrd.models.checkpoint import read_payload
 
 DATASETS = {"mvtec": MVTecAD, "visa": VisA, "btad": BTAD, "folder": Folder, "synthetic": Synthetic}
 CHECKPOINT_NAME = "model.pt"
+CONFIG_NAME = "config.json"
+# train options that config.json does not record: where to write, whether to resume, the file itself
+UNRECORDED = ("command", "handler", "out", "resume", "config")
+# what config.json records besides the train options; `train --config` skips these entries
+RECORD_ONLY = ("model", "train_images", "validation_images", "thresholds", "category_thresholds", "environment",
+               "checkpoint")
 
 
 # -- data ---------------------------------------------------------------------------------------------------
 
 def make_dataset(args, split: str, image_size):
-    """The data set named by ``--dataset`` for ``split`` ("train" or "test")."""
+    """The data set named by ``--data`` (several: :class:`Categories`) or ``--dataset`` for ``split``."""
+    if args.data:
+        return _categories(args, split, image_size)
     cls = DATASETS[args.dataset]
     if args.dataset == "folder":
         if not args.normal_dir:
@@ -44,6 +55,19 @@ def make_dataset(args, split: str, image_size):
     if not args.data_root or not args.category:
         raise SystemExit(f"dmgrd: --dataset {args.dataset} needs --data-root and --category")
     return cls(args.data_root, args.category, split, image_size=image_size)
+
+
+def _categories(args, split: str, image_size):
+    """One ``--data`` entry's data set, or the :class:`Categories` of several (named as the benchmark names them)."""
+    if args.data_root or args.category or args.normal_dir:
+        raise SystemExit("dmgrd: --data replaces --data-root, --category and --normal-dir: give one or the other")
+    sets = {}
+    for spec in args.data:
+        name = benchmarking.data_name(spec)
+        if name in sets:
+            raise SystemExit(f"dmgrd: two --data entries are named {name!r}; categories need distinct names")
+        sets[name] = benchmarking.open_data(spec, split, image_size, args.seed)
+    return next(iter(sets.values())) if len(sets) == 1 else Categories(sets)
 
 
 # -- commands -----------------------------------------------------------------------------------------------
@@ -62,7 +86,9 @@ def init_distributed(device: str) -> tuple[int, str]:
 
 
 def train(args) -> int:
-    """Fit a model, then write the checkpoint (with decision thresholds), config.json and the training log."""
+    """Fit a model, then write the run folder: the checkpoint (with decision thresholds), config.json (every
+    train option, loadable with --config, and what the run ran on) and the training log."""
+    recorded = _recorded_options(args)
     rank, args.device = init_distributed(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,72 +110,108 @@ def train(args) -> int:
         engine.calibrate_thresholds(model, validation, args.threshold_quantile, args.batch_size,
                                           args.num_workers)
     model.save(checkpoint, train_state=read_payload(checkpoint)["train_state"])
-    config = {"method": args.method, "dataset": args.dataset, "category": args.category,
-              "train_images": len(train_data), "validation_images": 0 if validation is None else len(validation),
-              "steps": args.steps, "batch_size": args.batch_size, "model": model.config.to_dict(),
-              "thresholds": model.thresholds}
-    (out / "config.json").write_text(json.dumps(config, indent=1))
+    config = {**recorded, "model": model.config.to_dict(), "train_images": len(train_data),
+              "validation_images": 0 if validation is None else len(validation), "thresholds": model.thresholds,
+              **({"category_thresholds": model.category_thresholds} if model.category_thresholds else {}),
+              "checkpoint": CHECKPOINT_NAME, "environment": environment()}
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=1))
     _write_rows(out / "train_log.csv", [{"step": i, **row} for i, row in enumerate(history)])
     print(f"trained {args.method} for {args.steps} steps in {seconds:.1f} s -> {checkpoint}")
     return 0
 
 
 def test(args) -> int:
-    """Evaluate a checkpoint on a test split: metrics.json, scores.csv, result panels and roc.png."""
+    """Evaluate a checkpoint on a test split: metrics.json, scores.csv, result panels, roc.png and, with
+    --report, the HTML report."""
     model = models.load(args.checkpoint, map_location=args.device)
+    if args.report and model.thresholds is None:
+        raise SystemExit(f"dmgrd: --report needs decision thresholds, and {args.checkpoint} stores none (trained "
+                         "with --val-fraction 0)")
     data = make_dataset(args, "test", model.config.image_size)
     out = Path(args.out)
     results = engine.predict(model, data, args.batch_size, args.num_workers)
     metrics = compute_metrics(results.scores, results.labels, results.maps, results.masks)
+    per_category = engine.category_metrics(results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    written = {**metrics, "per_category": per_category} if per_category else metrics
+    (out / "metrics.json").write_text(json.dumps(written, indent=1))
     _write_rows(out / "scores.csv", [{"path": p, "label": int(y), "score": float(s)}
                                      for p, y, s in zip(results.paths, results.labels, results.scores, strict=True)])
     visualize.save_roc_plot(results.labels.numpy(), results.scores.numpy(), out / "roc.png", title=model.method)
     if args.overlays:
-        vmin, vmax = _map_range(results.maps)
+        vmin, vmax = visualize.map_range(results.maps)
         for i, path in enumerate(tqdm(results.paths, desc="writing panels", dynamic_ncols=True)):
             panel = visualize.result_panel(data[i]["image"], results.maps[i], vmin, vmax, results.masks[i])
             visualize.save_png(panel, out / "overlays" / f"{i:04d}_{Path(path).stem}.png")
-    print(json.dumps(metrics, indent=1))
+    if args.report:
+        shown = ", ".join(args.data) if args.data else f"{args.dataset} {args.category or ''}"
+        report.write_report(args.report, results, data, model.thresholds, metrics,
+                            title=f"{model.method} on {shown}: {args.checkpoint}",
+                            category_thresholds=model.category_thresholds, category_metrics=per_category)
+        print(f"report: {Path(args.report) / 'index.html'}")
+    print(json.dumps(written, indent=1))
     return 0
 
 
 def predict(args) -> int:
-    """Score images (files or folders): scores.csv, overlays and, with --masks, binary masks."""
-    model = models.load(args.checkpoint, map_location=args.device)
+    """Score images (files or folders) with a checkpoint, ONNX file or OpenVINO IR: scores.csv (score, normalised
+    score, label), anomaly maps (float32 TIFF), overlays and, with --masks, binary masks; --tile scores large
+    images tile by tile at their own resolution."""
+    inferencer = Inferencer(args.checkpoint, device=args.device)
     files = _image_files(args.inputs)
-    stored = model.thresholds or {}
-    threshold = args.threshold if args.threshold is not None else stored.get("pixel")
+    if args.category is not None:
+        try:
+            inferencer.use_category(args.category)
+        except ValueError as exc:
+            raise SystemExit(f"dmgrd: {exc}") from None
+    threshold = args.threshold if args.threshold is not None else inferencer.metadata.pixel_threshold
     if args.masks and threshold is None:
-        raise SystemExit("dmgrd: the checkpoint stores no threshold (trained with --val-fraction 0): pass --threshold")
-    image_threshold = stored.get("image")
+        raise SystemExit("dmgrd: the model stores no threshold (trained with --val-fraction 0): pass --threshold")
     out = Path(args.out)
     rows = []
     for start in range(0, len(files), args.batch_size):
         chunk = files[start:start + args.batch_size]
-        images = torch.stack([read_image(f, model.config.size) for f in chunk])
-        prediction = model(images.to(model.device))
-        vmin, vmax = (0.0, 2 * threshold) if threshold else _map_range(prediction.anomaly_map)
-        outputs = zip(chunk, images, prediction.anomaly_map.cpu(), prediction.score.cpu(), strict=True)
-        for file, image, amap, score in outputs:
-            row = {"path": str(file), "score": float(score)}
-            if image_threshold is not None:
-                row["anomalous"] = int(score > image_threshold)
-            rows.append(row)
-            visualize.save_png(visualize.overlay(image, amap, vmin, vmax), out / f"{file.stem}_overlay.png")
+        if args.tile is None:  # decoded once: the model's inputs are also the overlays' images
+            images = [inferencer.preprocess(f).transpose(1, 2, 0) for f in chunk]
+            results = inferencer.predict_batch(images, args.batch_size)
+        else:
+            images = [pixels(f) for f in chunk]
+            results = [inferencer.predict_tiled(image, None if args.tile == "input" else args.tile, args.stride,
+                                                args.batch_size) for image in images]
+        for file, image, result in zip(chunk, images, results, strict=True):
+            rows.append(_prediction_row(file, result))
+            amap = torch.from_numpy(result.anomaly_map)
+            visualize.save_png(result.anomaly_map, out / f"{file.stem}_map.tiff")
+            if args.overlays:
+                vmin, vmax = (0.0, 2 * threshold) if threshold else visualize.map_range(amap)
+                rgb = torch.from_numpy(rgb_float(image)).permute(2, 0, 1)
+                visualize.save_png(visualize.overlay(rgb, amap, vmin, vmax), out / f"{file.stem}_overlay.png")
             if args.masks:
-                mask = ((amap[0] > threshold).numpy() * 255).astype("uint8")
-                visualize.save_png(mask, out / f"{file.stem}_mask.png")
-            print(f"{file}\t{float(score):.5f}" + (f"\t{'ANOMALOUS' if row['anomalous'] else 'ok'}"
-                                                    if "anomalous" in row else ""))
+                mask = result.anomaly_map > threshold
+                visualize.save_png(mask.astype("uint8") * 255, out / f"{file.stem}_mask.png")
+            print("\t".join([str(file), f"{result.score:.5f}", *(
+                [f"{result.normalized_score:.3f}"] if result.normalized_score is not None else []), *(
+                ["ANOMALOUS" if result.label else "ok"] if result.label is not None else [])]))
     _write_rows(out / "scores.csv", rows)
     return 0
 
 
+def _prediction_row(file: Path, result) -> dict:
+    row = {"path": str(file), "score": result.score}
+    if result.normalized_score is not None:
+        row["normalized_score"] = result.normalized_score
+    if result.label is not None:
+        row["anomalous"] = int(result.label)
+    return row
+
+
 def export(args) -> int:
-    """Write the model as ONNX (pure-torch op paths), checking it against torch when onnxruntime is installed."""
+    """Write the model as ONNX or OpenVINO IR (pure-torch op paths, the decision metadata inside); ONNX is
+    checked against torch when onnxruntime is installed."""
     model = models.load(args.checkpoint)
+    if args.format == "openvino":
+        print(f"wrote {export_openvino(model, args.out, opset=args.opset)}")
+        return 0
     error = export_onnx(model, args.out, opset=args.opset)
     print(f"wrote {args.out}" + (f"; max |onnxruntime - torch| map error {error:.2e}" if error is not None else
                                   " (onnxruntime not installed: not checked)"))
@@ -172,7 +234,7 @@ def benchmark(args) -> int:
 def info(args=None) -> int:
     """Print versions, devices, and per op and backend whether it runs here or why not."""
     print(f"dmgrd {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
-          f"triton {_version('triton')}")
+          f"triton {package_version('triton')}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"cuda:{i}  {torch.cuda.get_device_name(i)}  (CUDA {torch.version.cuda})")
@@ -191,7 +253,7 @@ def info(args=None) -> int:
 
 
 def demo(args) -> int:
-    """Train DM-GRD on the built-in Synthetic data, evaluate, and write result panels (a few minutes on a CPU)."""
+    """Train DM-GRD on the built-in Synthetic data, evaluate, and write the HTML report (a few minutes on a CPU)."""
     info()
     out = Path(args.out)
     base = ["--dataset", "synthetic", "--category", args.category, "--device", args.device, "--seed", str(args.seed),
@@ -200,7 +262,8 @@ def demo(args) -> int:
     main(["train", *base, "--method", "dmgrd", "--backbone", "efficientnet_lite0", "--image-size",
           _size_text(args.image_size), "--steps", str(args.steps), "--out", str(out)])
     print("\nevaluating on the Synthetic test split ...")
-    return main(["test", *base, "--checkpoint", str(out / CHECKPOINT_NAME), "--out", str(out / "test")])
+    return main(["test", *base, "--checkpoint", str(out / CHECKPOINT_NAME), "--out", str(out / "test"),
+                 "--no-overlays", "--report", str(out / "report")])
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
@@ -212,15 +275,46 @@ def _size(text: str) -> int | tuple[int, int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _tile(text: str) -> str | int | tuple[int, int]:
+    return text if text == "input" else _size(text)
+
+
 def _size_text(size: int | tuple[int, int]) -> str:
     return str(size) if isinstance(size, int) else f"{size[0]}x{size[1]}"
 
 
-def _version(package: str) -> str:
+def _recorded_options(args) -> dict:
+    """The train options as config.json records them: ``--image-size`` as text, weights None as "none"."""
+    options = {k: v for k, v in vars(args).items() if k not in UNRECORDED}
+    options["image_size"] = _size_text(args.image_size)
+    options["weights"] = args.weights or "none"
+    return options
+
+
+def _config_arguments(path: str, argv: list[str], known: set[str]) -> list[str]:
+    """``argv`` (a ``train`` command line) with the options of config file ``path`` inserted before its own, so
+    that the command line's win; the file's entries go through the same parsing and checks as typed ones."""
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"dmgrd: config file not found: {file}")
     try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"dmgrd: cannot read config file {file} as JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise SystemExit(f"dmgrd: config file {file} must hold a JSON object of train options")
+    unknown = sorted(set(config) - known - set(RECORD_ONLY) - set(UNRECORDED))
+    if unknown:
+        raise SystemExit(f"dmgrd: config file {file} has unknown train option(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(known))})")
+    tokens = []
+    for name in sorted(known & set(config)):
+        value, flag = config[name], "--" + name.replace("_", "-")
+        if value is None or (isinstance(value, list) and any(a.split("=")[0] == flag for a in argv)):
+            continue  # None: not given; a list option given on the command line replaces the file's
+        for item in value if isinstance(value, list) else [value]:
+            tokens += [flag, str(item)]
+    return [argv[0], *tokens, *argv[1:]]
 
 
 def _image_files(inputs: Sequence[str]) -> list[Path]:
@@ -236,13 +330,6 @@ def _image_files(inputs: Sequence[str]) -> list[Path]:
         else:
             raise SystemExit(f"dmgrd: no such file or folder: {item}")
     return files
-
-
-def _map_range(maps: torch.Tensor) -> tuple[float, float]:
-    flat = maps.flatten().float()
-    if flat.numel() > 1_000_000:
-        flat = flat[:: flat.numel() // 1_000_000 + 1]
-    return float(flat.quantile(0.01)), float(flat.quantile(0.999))
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
@@ -264,6 +351,10 @@ def _common(parser: argparse.ArgumentParser, batch_size: int = 8) -> None:
 
 
 def _data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", action="append",
+                        help="a category folder in the MVTec AD layout, or synthetic:texture / synthetic:object "
+                             "(repeatable: several train one model on all, with metrics and thresholds per "
+                             "category); replaces --dataset, --data-root and --category")
     parser.add_argument("--dataset", choices=list(DATASETS), default="mvtec")
     parser.add_argument("--data-root", help="data set root folder (mvtec, visa, btad)")
     parser.add_argument("--category", help="category, e.g. bottle (synthetic: texture or object)")
@@ -290,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-quantile", type=float, default=0.999, help="pixel threshold: quantile of validation")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt")
+    p.add_argument("--config", help="a run's config.json (or any JSON object of these options) to train with; "
+                                    "options given here override it")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=train)
 
@@ -299,20 +392,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--no-overlays", dest="overlays", action="store_false", help="skip the result panels")
+    p.add_argument("--report", help="write the HTML report (index.html, report.json, PNGs) into this folder")
     p.set_defaults(handler=test)
 
     p = commands.add_parser("predict", help="score new images")
     _common(p, batch_size=16)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="a checkpoint (.pt), an ONNX file (.onnx) or an OpenVINO IR (.xml)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True)
     p.add_argument("--masks", action="store_true", help="also write binary masks")
     p.add_argument("--threshold", type=float, help="pixel threshold (default: the one stored at training)")
+    p.add_argument("--no-overlays", dest="overlays", action="store_false", help="skip the overlay images")
+    p.add_argument("--tile", type=_tile,
+                   help="score each image at its own size in tiles of HxW ('input': the model's input size), "
+                        "blending their maps; the score is the largest tile score")
+    p.add_argument("--stride", type=_size, help="with --tile: the step between tiles, HxW (default: half the tile)")
+    p.add_argument("--category", help="use this category's stored thresholds (a model trained on several --data)")
     p.set_defaults(handler=predict)
 
     p = commands.add_parser("export", help="export a checkpoint")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="openvino: an IR .xml (+ .bin), needs pip install 'dmgrd[openvino]'")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--out", required=True)
     p.set_defaults(handler=export)
@@ -351,7 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        known = set(vars(parser.parse_args(["train", "--out", "-"]))) - set(UNRECORDED)
+        args = parser.parse_args(_config_arguments(args.config, argv, known))
     if getattr(args, "weights", None) == "none":
         args.weights = None
     return args.handler(args)

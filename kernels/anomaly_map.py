@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from dmgrd.kernels.pixel_tiles import batch_axis
 
 from dmgrd.numerics import COSINE_EPS, gaussian_weights
 
@@ -30,7 +31,7 @@ def _cosine_distance_kernel(
     b = tl.program_id(1).to(tl.int64)
     pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pix_mask = pix < HW
-    h = pix // W
+    h = (pix // W).to(tl.int64)  # int64 offsets: an image's C x H x W may exceed 2^31 elements
     w = pix % W
     t_pix = t_ptr + b * t_sb + h * t_sh + w * t_sw
     s_pix = s_ptr + b * s_sb + h * s_sh + w * s_sw
@@ -40,8 +41,8 @@ def _cosine_distance_kernel(
     for c0 in range(0, C, BLOCK_C):
         chan = c0 + tl.arange(0, BLOCK_C)
         mask = (chan < C)[:, None] & pix_mask[None, :]
-        t = tl.load(t_pix[None, :] + chan[:, None] * t_sc, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(s_pix[None, :] + chan[:, None] * s_sc, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(t_pix[None, :] + chan.to(tl.int64)[:, None] * t_sc, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_pix[None, :] + chan.to(tl.int64)[:, None] * s_sc, mask=mask, other=0.0).to(tl.float32)
         dot += t * s
         tt += t * t
         ss += s * s
@@ -133,7 +134,7 @@ def _cosine_distances(teacher: Sequence[torch.Tensor], student: Sequence[torch.T
     for t, s, d in zip(teacher, student, dist.split(sizes), strict=True):
         _, channels, height, width = t.shape
         block_c, block_p = _cosine_blocks(t)
-        grid = (triton.cdiv(height * width, block_p), batch)
+        grid = (triton.cdiv(height * width, block_p), batch_axis(batch, "anomaly_map"))
         _cosine_distance_kernel[grid](
             t, s, d, channels, width, height * width, *t.stride(), *s.stride(), COSINE_EPS,
             BLOCK_C=block_c, BLOCK_P=block_p,
@@ -168,7 +169,7 @@ def _gaussian_blur(maps: torch.Tensor, sigma: float) -> None:
     batch, _, height, width = maps.shape
     taps = gaussian_weights(sigma, torch.float32, maps.device)
     tmp = torch.empty_like(maps)
-    grid = (triton.cdiv(height * width, _BLOCK), batch)
+    grid = (triton.cdiv(height * width, _BLOCK), batch_axis(batch, "anomaly_map"))
     _blur_kernel[grid](maps, tmp, taps, taps.numel(), width, 1, height * width, BLOCK=_BLOCK)
     _blur_kernel[grid](tmp, maps, taps, taps.numel(), height, width, height * width, BLOCK=_BLOCK)
 
@@ -186,7 +187,7 @@ def anomaly_map_triton(
     dist = _cosine_distances(teacher, student)
     levels, scales = _level_tables(teacher, out_size)
     out = torch.empty((batch, 1, height, width), dtype=torch.float32, device=teacher[0].device)
-    grid = (triton.cdiv(height * width, _BLOCK), batch)
+    grid = (triton.cdiv(height * width, _BLOCK), batch_axis(batch, "anomaly_map"))
     _upsample_combine_kernel[grid](
         dist, levels, scales, out, len(teacher), width, height * width,
         REDUCE=_REDUCE_CODES[reduce], BLOCK=_BLOCK,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dmgrd.kernels.pixel_tiles import batch_axis
 
 from dmgrd.layout import cosine_rows, dense_format
 from dmgrd.numerics import COSINE_EPS
@@ -187,7 +188,7 @@ class _Level:
 
 
 def _level_forward(lv: _Level, pixel: bool, coeffs: torch.Tensor, terms: torch.Tensor) -> None:
-    grid = (lv.pieces(pixel), lv.batch)
+    grid = (lv.pieces(pixel), batch_axis(lv.batch, "cosine_kd_loss"))
     if pixel:
         _pixel_sums_kernel[grid](
             lv.t, lv.s, coeffs, terms, lv.channels, lv.pixels, lv.pix_stride, lv.ch_stride,
@@ -228,7 +229,7 @@ def cosine_kd_loss_backward_triton(
     for lv, c in zip(levels, coeffs.split([lv.rows(pixel) for lv in levels]), strict=True):
         gs = lv.empty_grad(lv.s)
         gt = lv.empty_grad(lv.t) if teacher_grad else gs
-        grid = (lv.pieces(pixel), lv.batch)
+        grid = (lv.pieces(pixel), batch_axis(lv.batch, "cosine_kd_loss"))
         if pixel:
             _pixel_grad_kernel[grid](
                 lv.t, lv.s, gs, gt, c, grad, lv.channels, lv.pixels, lv.pix_stride, lv.ch_stride,

@@ -30,9 +30,15 @@ def backend_cases(op_name: str, *, reference_too: bool = False) -> list:
     for device in ("cpu", "cuda"):
         for backend in ("ext", "triton") + (("torch",) if reference_too else ()):
             reason = op.unavailable_reason(backend, device)
-            marks = [pytest.mark.skipif(reason is not None, reason=f"{backend} on {device}: {reason}")]
+            marks = [pytest.mark.skipif(reason is not None, reason=f"{backend} on {device}: {reason}"),
+                     *device_marks(backend, device)]
             cases.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
     return cases
+
+
+def device_marks(backend: str, device: str) -> list:
+    """The ``cuda`` and ``triton`` markers (``pytest -m "cuda or triton"``) of a (backend, device) case."""
+    return [*([pytest.mark.cuda] if device == "cuda" else []), *([pytest.mark.triton] if backend == "triton" else [])]
 
 
 def ext_loaded() -> bool:

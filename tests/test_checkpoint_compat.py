@@ -23,6 +23,7 @@ def test_a_checkpoint_of_commit_f22a683_loads_and_predicts_the_same(tmp_path):
     expected = torch.load(DATA / "dmgrd_f22a683_expected.pt", weights_only=True)
     assert model.method == "dmgrd" and model.config.map_reduce == "sum" and model.config.size == (32, 32)
     assert model.thresholds == {"image": 0.5, "pixel": 0.25}  # from the file's "thresholds" entry
+    assert model.score_range is None  # recorded since; a file without it loads with none
     assert model.normal_memory.filled and model.abnormal_memory.filled
     got = model(expected["images"])
     # float32 rounding of another summation order (that version ran the torch references; this one the C++ ops)

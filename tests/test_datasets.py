@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dmgrd.data import BTAD, Folder, Synthetic, VisA, read_image, read_mask
+from dmgrd.data import BTAD, Categories, Folder, Synthetic, VisA, read_image, read_mask
 
 HEIGHT, WIDTH = 12, 20
 
@@ -396,3 +396,19 @@ def test_synthetic_bad_arguments():
         Synthetic(image_size=(64, 8))
     with pytest.raises(IndexError, match="out of range"):
         Synthetic("test", num_test=4)[4]
+
+
+def test_categories_concatenate_and_name_each_item():
+    texture, objects = Synthetic("test", "texture", 32, num_test=3), Synthetic("test", "object", 32, num_test=2)
+    both = Categories({"t": texture, "o": objects})
+    assert len(both) == 5 and both.names == ["t", "o"]
+    assert [both.category_of(i) for i in range(5)] == ["t", "t", "t", "o", "o"]
+    item = both[3]
+    assert item["category"] == "o" and item["path"] == objects[0]["path"]
+    assert torch.equal(item["image"], objects[0]["image"]) and item["label"] == objects[0]["label"]
+    with pytest.raises(IndexError, match="out of range"):
+        both.category_of(5)
+    with pytest.raises(ValueError, match="at least one category"):
+        Categories({})
+    with pytest.raises(ValueError, match="without items: e"):
+        Categories({"t": texture, "e": torch.utils.data.TensorDataset(torch.zeros(0))})

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import dmgrd
+from dmgrd.engine import Results, category_metrics
+from dmgrd.metrics import compute_metrics
 from dmgrd.models.training import StepBatchSampler
 
 
@@ -75,3 +77,19 @@ def test_nan_images_are_rejected():
     model = dmgrd.RD4AD("efficientnet_lite0", weights=None, image_size=64)
     with pytest.raises(ValueError, match="NaN"):
         model.fit(data, steps=8, batch_size=7, progress=False)
+
+
+def test_category_metrics_are_those_of_each_category_alone():
+    g = torch.Generator().manual_seed(0)
+    masks = (torch.rand(6, 1, 8, 8, generator=g) > 0.7).float()
+    masks[[0, 3]] = 0
+    results = Results(torch.rand(6, generator=g), torch.tensor([0, 1, 1, 0, 1, 1]), torch.rand(6, 1, 8, 8, generator=g),
+                      masks, [str(i) for i in range(6)], ["a", "a", "a", "b", "b", "b"])
+    per_category = category_metrics(results)
+    assert list(per_category) == ["a", "b"]
+    assert per_category["b"] == compute_metrics(results.scores[3:], results.labels[3:], results.maps[3:], masks[3:])
+    assert per_category["a"] != per_category["b"]
+    single = Results(results.scores, results.labels, results.maps, results.masks, results.paths)
+    assert category_metrics(single) == {}
+    with pytest.raises(ValueError, match="no results of category 'c'"):
+        results.of_category("c")

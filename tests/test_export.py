@@ -5,6 +5,7 @@ CI's second half, without it (``DMGRD_NO_EXT=1``)."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 
 import dmgrd
 from dmgrd.cli import main
-from dmgrd.export import export_onnx
+from dmgrd.export import export_onnx, onnx_to_openvino
+from dmgrd.infer import pixels
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
@@ -103,3 +105,29 @@ def test_onnx_equals_the_model_on_bottle(trained, bottle, tmp_path, after):
         model = dmgrd.load(checkpoint)
         assert model.thresholds == thresholds
     assert_same_predictions(model, path, images, thresholds)
+
+
+@pytest.mark.parametrize("trained", [("rd4ad", "clean"), ("patchcore", "clean")], indirect=True,
+                         ids=["rd4ad-clean", "patchcore-clean"])
+def test_inferencer_decides_alike_for_every_format_on_bottle(trained, tmp_path):
+    """dmgrd.Inferencer from the bottle test files: checkpoint, ONNX and OpenVINO IR (when installed) give the same
+    labels and masks, and scores, normalised scores and maps within TOLERANCE."""
+    model, checkpoint, thresholds = trained
+    test = dmgrd.data.MVTecAD(BOTTLE, "bottle", "test", image_size=SIZE)
+    images = [pixels(sample.image) for sample in test.samples]  # the files' pixels, decoded once
+    formats = {"onnx": tmp_path / "model.onnx"}
+    export_onnx(model, formats["onnx"])
+    if importlib.util.find_spec("openvino") is not None:
+        formats["openvino"] = onnx_to_openvino(formats["onnx"], tmp_path / "model.xml")
+    want = dmgrd.Inferencer(checkpoint).predict_batch(images)
+    assert {r.label for r in want} == {False, True}
+    for kind, path in formats.items():
+        inferencer = dmgrd.Inferencer(path)
+        meta = inferencer.metadata
+        assert (meta.image_threshold, meta.pixel_threshold) == (thresholds["image"], thresholds["pixel"])
+        got = inferencer.predict_batch(images)
+        assert [r.label for r in got] == [r.label for r in want], kind
+        assert max(abs(a.score - b.score) for a, b in zip(got, want, strict=True)) < TOLERANCE, kind
+        assert max(abs(a.normalized_score - b.normalized_score) for a, b in zip(got, want, strict=True)) < TOLERANCE
+        assert max(np.abs(a.anomaly_map - b.anomaly_map).max() for a, b in zip(got, want, strict=True)) < TOLERANCE
+        assert all(np.array_equal(a.mask, b.mask) for a, b in zip(got, want, strict=True)), kind

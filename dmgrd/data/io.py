@@ -7,39 +7,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
+
+from dmgrd.imaging import open_image, pixel_array, rgb_float
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_RULES = (">0.5", ">0", "==1")
 SPLITS = ("train", "test")
 
 Size = int | tuple[int, int]
-
-
-def _open(path: Path) -> Image.Image:
-    """The decoded image, turned as its EXIF orientation says (as image viewers show it); errors name the file."""
-    try:
-        image = Image.open(path)
-        image.load()
-        ImageOps.exif_transpose(image, in_place=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except Image.DecompressionBombError as exc:
-        raise ValueError(f"cannot read image {path}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS (or set it to None) "
-                         "to read images this large") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
-    return image
-
-
-def _to_float(image: Image.Image) -> np.ndarray:
-    """H x W (x C) float array in [0, 1] for 8/16-bit, grayscale, RGB(A) or palette images."""
-    array = np.asarray(image)
-    result = array.astype(np.float32)
-    if array.dtype.kind in "ui":
-        result /= 255.0 if array.dtype.itemsize == 1 else 65535.0  # in place: saves a copy of large images
-    return result
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -59,12 +36,7 @@ def _check_rule(rule: str) -> None:
 
 
 def _image_tensor(image: Image.Image, size: Size | None) -> torch.Tensor:
-    if image.mode not in ("RGB", "L") and not image.mode.startswith(("I", "F")):  # 16/32-bit and float grey
-        image = image.convert("RGB")
-    array = _to_float(image)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    x = torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1)
+    x = torch.from_numpy(np.ascontiguousarray(rgb_float(pixel_array(image)))).permute(2, 0, 1)
     if size is not None:
         x = _resize(x, size_pair(size)).clamp_(0, 1)
     return x.contiguous()
@@ -99,7 +71,7 @@ def read_image(path: str | Path, size: Size | None = None) -> torch.Tensor:
     channels (16-bit divided by 65535); palette, CMYK and other modes converted by ``convert("RGB")``, which
     drops alpha.
     """
-    return _image_tensor(_open(Path(path)), size)
+    return _image_tensor(open_image(Path(path)), size)
 
 
 def read_mask(path: str | Path, size: Size | None = None, rule: str = ">0.5", nonzero: bool = False) -> torch.Tensor:
@@ -111,7 +83,7 @@ def read_mask(path: str | Path, size: Size | None = None, rule: str = ">0.5", no
     foreground before resizing (label masks such as VisA's raw ones).
     """
     _check_rule(rule)
-    return _mask_tensor(_open(Path(path)), size, rule, nonzero)
+    return _mask_tensor(open_image(Path(path)), size, rule, nonzero)
 
 
 def read_pair(
@@ -119,7 +91,7 @@ def read_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``read_image`` and ``read_mask`` of an image and its mask, which must have the same size before resizing."""
     _check_rule(rule)
-    image, mask = _open(Path(image_path)), _open(Path(mask_path))
+    image, mask = open_image(Path(image_path)), open_image(Path(mask_path))
     if image.size != mask.size:
         raise ValueError(
             f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} (WxH) but its image {image_path} is "

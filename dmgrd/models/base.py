@@ -3,6 +3,7 @@ checks, decision thresholds, fit and save."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch import nn
 from dmgrd.models import training
 from dmgrd.models.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
 from dmgrd.models.config import ModelConfig
+from dmgrd.models.optimize import optimize
 from dmgrd.models.state import data_buffers, register_data_buffer
 from dmgrd.models.teacher import Teacher
 
@@ -44,10 +46,13 @@ class AnomalyModel(nn.Module):
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     # False for a method whose prepare() builds the whole model (fit() then runs no optimiser steps).
     needs_training: ClassVar[bool] = True
+    # True after optimize(): BatchNorm is folded, so the model predicts but can neither train nor be saved.
+    optimized: bool = False
     config: ModelConfig
     teacher: Teacher
     image_threshold: torch.Tensor
     pixel_threshold: torch.Tensor
+    normal_score_range: torch.Tensor
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -68,6 +73,10 @@ class AnomalyModel(nn.Module):
         # Decision thresholds on the image score and the map, chosen on held-out normal images (NaN: not set).
         register_data_buffer(self, "image_threshold", torch.tensor(float("nan")))
         register_data_buffer(self, "pixel_threshold", torch.tensor(float("nan")))
+        # (min, max) of those images' scores, for the normalised score of dmgrd.infer (NaN: not recorded).
+        register_data_buffer(self, "normal_score_range", torch.full((2,), float("nan")))
+        # Unified (multi-class) training: thresholds per category, {category: {"image": .., "pixel": ..}}.
+        self.category_thresholds: dict[str, dict[str, float]] = {}
 
     # -- to implement -------------------------------------------------------------------------------
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,14 +111,37 @@ class AnomalyModel(nn.Module):
         image, pixel = float(self.image_threshold), float(self.pixel_threshold)
         return None if math.isnan(image) or math.isnan(pixel) else {"image": image, "pixel": pixel}
 
+    @property
+    def score_range(self) -> tuple[float, float] | None:
+        """``(min, max)`` of the held-out normal images' scores that set the thresholds, or None when not recorded;
+        the normalised score of :class:`dmgrd.infer.Inferencer` maps the image threshold to 0.5 with them."""
+        low, high = (float(v) for v in self.normal_score_range)
+        return None if math.isnan(low) or math.isnan(high) else (low, high)
+
     @torch.no_grad()
-    def set_thresholds(self, image: float, pixel: float) -> None:
-        """Store the decision thresholds (saved with the model)."""
-        for name, value in (("image", image), ("pixel", pixel)):
+    def set_thresholds(self, image: float, pixel: float, score_range: tuple[float, float] | None = None,
+                       category: str | None = None) -> None:
+        """Store the decision thresholds and, optionally, the ``(min, max)`` of the scores they came from (saved
+        with the model); with ``category``, that category's thresholds (:meth:`thresholds_for`)."""
+        values = {"image threshold": image, "pixel threshold": pixel}
+        if score_range is not None:
+            values.update(zip(("score minimum", "score maximum"), score_range, strict=True))
+        for name, value in values.items():
             if not math.isfinite(value):
-                raise ValueError(f"the {name} threshold must be a finite number, got {value}")
+                raise ValueError(f"the {name} must be a finite number, got {value}")
+        if score_range is not None and score_range[0] > score_range[1]:
+            raise ValueError(f"the score range {score_range} must be (min, max)")
+        if category is not None:
+            self.category_thresholds[category] = {"image": float(image), "pixel": float(pixel)}
+            return
         self.image_threshold.fill_(image)
         self.pixel_threshold.fill_(pixel)
+        self.normal_score_range.copy_(torch.tensor(score_range or (math.nan, math.nan)))
+
+    def thresholds_for(self, category: str | None) -> dict[str, float] | None:
+        """The thresholds of ``category`` when it has its own (unified training over several categories),
+        else :attr:`thresholds`."""
+        return self.category_thresholds.get(category, self.thresholds) if category is not None else self.thresholds
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raise ValueError unless ``images`` is a float [B, 3, H, W] batch on the model's device at its image
@@ -148,8 +180,18 @@ class AnomalyModel(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> Prediction:
         """Anomaly maps and scores for a batch of [0, 1] images at ``image_size`` (no autograd graph): the one
-        inference path, which evaluation, the CLI, the benchmarks and ONNX export all run."""
-        return Prediction(*self.score(self.input_images(images)))
+        inference path, which evaluation, the CLI, the benchmarks and ONNX export all run (under
+        ``torch.inference_mode`` after :meth:`optimize`)."""
+        with torch.inference_mode() if self.optimized else contextlib.nullcontext():
+            return Prediction(*self.score(self.input_images(images)))
+
+    def optimize(self, *, channels_last: bool | None = None, compile: bool = False) -> AnomalyModel:
+        """Make this fitted model a faster predictor, in place, and return it: eval mode, frozen weights,
+        BatchNorm folded into the convolutions before it, channels_last weights (default: on CPU) and, with
+        ``compile=True``, a ``torch.compile``d :meth:`score` (compiled on the first batch of each shape).
+        Predictions match the plain model up to float rounding; an optimised model can no longer be trained or
+        saved (:func:`dmgrd.models.optimize.optimize`)."""
+        return optimize(self, channels_last=channels_last, compile=compile)
 
     def fit(self, train_data, steps: int = 1000, batch_size: int = 8, **kwargs: Any) -> list[dict[str, float]]:
         """Train on a data set of normal images (items with ``"image"``); see :func:`dmgrd.models.training.fit`."""
@@ -162,6 +204,7 @@ class AnomalyModel(nn.Module):
         ``extra`` entries (tensors, numbers, strings, lists and dicts of them) are stored beside the model,
         e.g. the training state for resuming; :func:`dmgrd.models.loading.read_checkpoint` returns them.
         """
+        self._require_unoptimized("save")
         payload = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -169,6 +212,13 @@ class AnomalyModel(nn.Module):
             "config": self.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
             "data_state": [name for name, _ in data_buffers(self)],
+            **({"category_thresholds": self.category_thresholds} if self.category_thresholds else {}),
             **extra,
         }
         atomic_save(payload, Path(path))
+
+    def _require_unoptimized(self, action: str) -> None:
+        if self.optimized:
+            raise RuntimeError(f"cannot {action} a model after optimize() (its BatchNorm layers are folded into "
+                               f"the convolutions): {action} the model first, then call optimize() on it or on "
+                               f"a loaded copy")

@@ -19,6 +19,7 @@ from dmgrd.models.config import ModelConfig
 from dmgrd.models.fusion import ATTENTION_MODES, MSFF, GuidedProjection
 from dmgrd.models.memory import MEMORY_KINDS, SELECTIONS, MemoryBank, PatchMemoryBank, Selection, guided_input
 from dmgrd.models.reverse_distillation import ReverseDistillation
+from dmgrd.models.teacher import split_batch
 from dmgrd.synthesis import BLEND_MODES, AnomalySynthesizer, procedural_textures
 
 KD_TARGETS = ("input", "clean")
@@ -227,10 +228,10 @@ class DMGRD(ReverseDistillation):
         augmented, _ = self.synthesizer.synth(images, generator)
         chosen = self._pick_augmented(batch, generator).to(images.device)[:, None, None, None]
         inputs = torch.where(chosen, augmented, images)
-        feats = target = self.teacher(inputs)
-        if cfg.kd_target == "clean" and chosen.any():
-            clean = self.teacher(images[chosen.flatten()])
-            target = [f.index_put((chosen.flatten(),), c) for f, c in zip(feats, clean, strict=True)]
+        # One teacher pass over the inputs and, for kd_target="clean", the clean originals of the augmented ones.
+        restore = chosen.flatten() if cfg.kd_target == "clean" else chosen.new_zeros(batch)
+        feats, clean = split_batch(self.teacher(torch.cat([inputs, images[restore]])), batch)
+        target = [f.index_put((restore,), c) for f, c in zip(feats, clean, strict=True)] if restore.any() else feats
         index_n, guided_n = self._normal_guidance(feats)
         fused_n = self.fusion(guided_n)
         student = self.decode(fused_n)

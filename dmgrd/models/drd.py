@@ -19,6 +19,7 @@ from dmgrd.losses import COS_CHAN_MODES, cos_chan, kd_loss, seg_l1
 from dmgrd.models.bottleneck import MFCF
 from dmgrd.models.config import ModelConfig
 from dmgrd.models.reverse_distillation import ReverseDistillation
+from dmgrd.models.teacher import split_batch
 from dmgrd.ops.anomaly_map import cosine_distance_reference
 from dmgrd.ops.image_score import MODES as IMAGE_SCORE_MODES
 from dmgrd.synthesis import color_distance, self_cutpaste
@@ -147,7 +148,7 @@ class DRD(ReverseDistillation):
     def training_losses(self, images, generator):
         cfg = self.config
         augmented, mask = self.pseudo_anomalies(images, generator)
-        feats, feats_aug = self.teacher(images), self.teacher(augmented)
+        feats, feats_aug = split_batch(self.teacher(torch.cat([images, augmented])), images.shape[0])
         noise_generator = _generator_on(feats[0].device, generator)
         noisy = [f + cfg.feature_noise * torch.randn(f.shape, generator=noise_generator, device=f.device,
                                                      dtype=f.dtype) for f in feats_aug]

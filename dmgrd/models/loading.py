@@ -10,6 +10,9 @@ from dmgrd.models.base import METHODS, AnomalyModel
 from dmgrd.models.checkpoint import read_payload
 from dmgrd.models.state import data_buffers
 
+# Data-built buffers added after checkpoints recorded theirs, and their value in files without them (not set).
+ADDED_LATER = {"normal_score_range": lambda: torch.full((2,), math.nan)}
+
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> tuple[AnomalyModel, dict]:
     """The model saved at ``path`` (in eval mode) and the checkpoint's other entries.
@@ -29,30 +32,34 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path} holds a {method} configuration this dmgrd cannot build: {exc}") from None
     declared = [name for name, _ in data_buffers(model)]
+    state = _with_decision_state(payload.pop("state_dict"), payload)
     saved_state = payload.pop("data_state", declared)  # files from before the declaration hold the same buffers
+    saved_state = [*saved_state, *(set(ADDED_LATER) - set(saved_state))]
     if sorted(saved_state) != sorted(declared):
         raise ValueError(f"{path}: its data-built buffers {sorted(saved_state)} are not those of this dmgrd's "
                          f"{method} model {sorted(declared)}")
     try:
-        model.load_state_dict(_with_thresholds(payload.pop("state_dict"), payload))
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"{path}: the saved weights do not fit a {method} model of the saved configuration: "
                          f"{exc}") from None
     model.config.weights = saved["weights"]
+    model.category_thresholds = payload.pop("category_thresholds", {})
     model.eval()
     if map_location is not None:
         model.to(map_location)
     return model, payload
 
 
-def _with_thresholds(state: dict, payload: dict) -> dict:
-    """``state`` with the threshold buffers; files written before thresholds were model state keep them in a
-    ``"thresholds"`` entry (or have none: NaN, not set)."""
-    if "image_threshold" in state:
-        return state
-    stored = payload.get("thresholds") or {}
-    thresholds = {f"{kind}_threshold": torch.tensor(float(stored.get(kind, math.nan))) for kind in ("image", "pixel")}
-    return {**state, **thresholds}
+def _with_decision_state(state: dict, payload: dict) -> dict:
+    """``state`` with the threshold buffers and those of :data:`ADDED_LATER`; files written before thresholds
+    were model state keep them in a ``"thresholds"`` entry (or have none: NaN, not set)."""
+    missing = {name: value() for name, value in ADDED_LATER.items() if name not in state}
+    if "image_threshold" not in state:
+        stored = payload.get("thresholds") or {}
+        missing.update({f"{kind}_threshold": torch.tensor(float(stored.get(kind, math.nan)))
+                        for kind in ("image", "pixel")})
+    return {**state, **missing}
 
 
 def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> AnomalyModel:

@@ -17,6 +17,7 @@ from dmgrd.losses import SSOT_MODES, contrast_loss, kd_loss, ssot_loss
 from dmgrd.models.config import ModelConfig
 from dmgrd.models.projection import MultiProjection
 from dmgrd.models.reverse_distillation import ReverseDistillation
+from dmgrd.models.teacher import split_batch
 from dmgrd.synthesis import simplex_patch, simplex_permutations
 
 NOISE_FIELDS = ("per_sample", "fixed")
@@ -98,8 +99,8 @@ class RDPP(ReverseDistillation):
             raise RuntimeError("call prepare() (done by fit()) before training with noise_field='fixed'")
         noisy, _ = simplex_patch(images, generator, self.noise_permutation, self.noise_sizes)
         feats = self.teacher(torch.cat([images, noisy]))  # one pass; instance norm keeps samples independent
-        clean, noisy_feats = _split(feats, images.shape[0])
-        projected, projected_noisy = _split(self.projection(feats), images.shape[0])
+        clean, noisy_feats = split_batch(feats, images.shape[0])
+        projected, projected_noisy = split_batch(self.projection(feats), images.shape[0])
         kd = kd_loss(clean, self.decode(projected), cfg.kd_reduction)
         ssot = ssot_loss(projected, cfg.ssot, generator, cfg.ssot_points)
         recon = kd_loss(projected_noisy, projected, "pixel")  # Σ_l mean_{b,h,w} [1 - cos_c]
@@ -109,7 +110,3 @@ class RDPP(ReverseDistillation):
         loss = kd + cfg.projection_weight * proj
         return {"loss": loss, "kd": kd, "projection": proj, "ssot": ssot, "recon": recon, "contrast": contrast}
 
-
-def _split(feats: list[torch.Tensor], batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The first ``batch`` samples of every level, and the rest."""
-    return [f[:batch] for f in feats], [f[batch:] for f in feats]

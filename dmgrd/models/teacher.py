@@ -30,7 +30,8 @@ from dmgrd.models.weights import (
     torchvision_imagenet_file,
 )
 
-__all__ = ["BACKBONES", "BackboneSpec", "DecoderSpec", "Teacher", "WeightsUnavailableError", "resolve_backbone"]
+__all__ = ["BACKBONES", "BackboneSpec", "DecoderSpec", "Teacher", "WeightsUnavailableError", "resolve_backbone",
+           "split_batch"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -135,6 +136,12 @@ class Teacher(nn.Module):
         _check_images(images)
         with torch.no_grad():
             return list(self.body((images - self.mean) / self.std))
+
+
+def split_batch(feats: list[torch.Tensor], batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The first ``batch`` samples of every level, and the rest: one teacher pass over two concatenated
+    batches, split back (exact: the teacher is always in eval mode, so samples never interact)."""
+    return [f[:batch] for f in feats], [f[batch:] for f in feats]
 
 
 def _check_images(images: torch.Tensor) -> None:

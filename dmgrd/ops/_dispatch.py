@@ -146,7 +146,12 @@ class Op:
         return fn
 
     def __call__(self, tensors: Sequence[torch.Tensor], *args):
-        return self.implementation(self.select(tensors))(*args)
+        backend = self.select(tensors)
+        fn = self.implementation(backend)
+        if backend == "triton" and tensors[0].is_cuda:  # Triton launches on the current device, not the tensors'
+            with torch.cuda.device(tensors[0].device):
+                return fn(*args)
+        return fn(*args)
 
 
 def extension_op(name: str) -> Callable:
