@@ -17,7 +17,9 @@ from dmgrd import metrics
 from dmgrd.layout import parse_size, pixel_rows
 from dmgrd.ops.anomaly_map import gaussian_blur_reference
 
-CHOICES = {"levels 2 + 3": (1, 2), "level 2": (1,), "level 3": (2,)}
+# name: (level indices, each level scaled to unit length)
+CHOICES = {"levels 2 + 3": ((1, 2), False), "level 2": ((1,), False), "level 3": ((2,), False),
+           "levels 2 + 3, unit length each": ((1, 2), True), "level 3, unit length": ((2,), True)}
 
 
 def pooled_levels(model: dmgrd.PatchCore, data, batch_size: int = 8) -> list[torch.Tensor]:
@@ -31,10 +33,11 @@ def pooled_levels(model: dmgrd.PatchCore, data, batch_size: int = 8) -> list[tor
     return [torch.cat(level) for level in levels]
 
 
-def concatenated(levels: list[torch.Tensor], chosen: tuple[int, ...]) -> torch.Tensor:
+def concatenated(levels: list[torch.Tensor], chosen: tuple[int, ...], unit: bool) -> torch.Tensor:
     size = levels[chosen[0]].shape[-2:]
-    return torch.cat([F.interpolate(levels[i], size=size, mode="bilinear", align_corners=False)
-                      if levels[i].shape[-2:] != size else levels[i] for i in chosen], dim=1)
+    picked = [F.normalize(levels[i], dim=1) if unit else levels[i] for i in chosen]
+    return torch.cat([F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                      if f.shape[-2:] != size else f for f in picked], dim=1)
 
 
 def main() -> None:
@@ -50,11 +53,11 @@ def main() -> None:
     train_levels, test_levels = pooled_levels(model, train), pooled_levels(model, test)
     labels = [test[i]["label"] for i in range(len(test))]
     masks = torch.stack([test[i]["mask"] for i in range(len(test))]).numpy()
-    generator = torch.Generator().manual_seed(args.seed)
-    for name, chosen in CHOICES.items():
-        rows = pixel_rows(concatenated(train_levels, chosen))
+    for name, (chosen, unit) in CHOICES.items():
+        rows = pixel_rows(concatenated(train_levels, chosen, unit))
+        generator = torch.Generator().manual_seed(args.seed)  # each choice draws the same patches
         memory = rows[torch.randperm(rows.shape[0], generator=generator)[: int(args.memory_share * rows.shape[0])]]
-        queries = concatenated(test_levels, chosen)
+        queries = concatenated(test_levels, chosen, unit)
         batch, _, height, width = queries.shape
         distances, _ = dmgrd.ops.memory_nearest(pixel_rows(queries), memory, 1, "l2")
         patches = distances[:, 0].clamp_min(0).sqrt().view(batch, 1, height, width)
