@@ -29,6 +29,7 @@ import torch
 from stage_profiler import StageProfiler, gemm_gflops, synchronize
 
 from dmgrd.models.base import METHODS
+from dmgrd.models.recompute import activation_checkpointing
 from dmgrd.models.training import make_optimizer
 
 FULL = os.environ.get("DMGRD_BENCH_FULL") == "1"
@@ -104,15 +105,18 @@ CASES = [pytest.param(m, b, p, id=f"{m}-{b}-{p}")
          for m in METHOD_NAMES for b in BACKBONE_NAMES for p in PRESET_NAMES]
 
 
-@pytest.mark.parametrize("mode", ["plain", "optimized", "train", *(["compiled"] if COMPILE else [])])
+@pytest.mark.parametrize("mode", ["plain", "optimized", "train", "train-recompute",
+                                  *(["compiled"] if COMPILE else [])])
 @pytest.mark.parametrize("method,backbone,preset", CASES)
 def test_model(benchmark, method, backbone, preset, mode):
     model = prepared(method, backbone, preset)
     benchmark.group = f"{method} {backbone} {SIZE}x{SIZE} {DEVICE.type}"
-    if mode == "train":
+    if mode.startswith("train"):
         if not model.needs_training:
             pytest.skip(f"{method} has no training step (fit builds its memory bank)")
-        bench_training(benchmark, model)
+        recomputed = model.recomputed_modules() if mode == "train-recompute" else []
+        with activation_checkpointing(recomputed):
+            bench_training(benchmark, model, mode)
         return
     if mode == "compiled":
         bench_compiled(benchmark, copy.deepcopy(model).optimize(compile=True))
@@ -159,7 +163,8 @@ def benchmark_inference(benchmark, model, batch: int, mode: str) -> None:
     record(benchmark, profiler, counted, ROUNDS, batch)
 
 
-def bench_training(benchmark, model) -> None:
+def bench_training(benchmark, model, mode: str) -> None:
+    """One training step; ``mode`` "train-recompute" runs it under activation checkpointing (set by the caller)."""
     model.train()
     optimizer = make_optimizer(model)
     images = torch.rand(TRAIN_BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -179,6 +184,6 @@ def bench_training(benchmark, model) -> None:
     peak_memory_reset()
     with profiler.attached():
         benchmark.pedantic(step, args=(profiler,), rounds=ROUNDS, iterations=1)
-    benchmark.extra_info.update({"mode": "train", "batch": TRAIN_BATCH, "peak_memory_MB": round(peak_memory_mb())})
+    benchmark.extra_info.update({"mode": mode, "batch": TRAIN_BATCH, "peak_memory_MB": round(peak_memory_mb())})
     record(benchmark, profiler, counted, ROUNDS, TRAIN_BATCH)
     model.eval()

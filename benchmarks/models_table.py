@@ -19,7 +19,7 @@ def rows(report: dict) -> list[list[str]]:
         if not bench["name"].startswith("test_model["):  # the op benchmarks of a `make bench` report
             continue
         info = bench["extra_info"]
-        case = re.sub(r"^test_model\[|-(plain|optimized|train|compiled)\]$", "", bench["name"])
+        case = re.sub(r"^test_model\[|-(plain|optimized|train-recompute|train|compiled)\]$", "", bench["name"])
         stages = info.get("stages", {})
         total_ms = sum(s["ms"] for s in stages.values())
         achieved = sum(s["GFLOP"] for s in stages.values()) / total_ms * 1e3 if total_ms else 0.0

@@ -102,7 +102,8 @@ def train(args) -> int:
                 seed=args.seed, **options).to(args.device)
     start = time.perf_counter()
     history = model.fit(train_data, steps=args.steps, batch_size=args.batch_size, num_workers=args.num_workers,
-                        checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume)
+                        checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                        checkpoint_activations=args.checkpoint_activations)
     seconds = time.perf_counter() - start
     if rank > 0:
         return 0
@@ -312,6 +313,9 @@ def _config_arguments(path: str, argv: list[str], known: set[str]) -> list[str]:
         value, flag = config[name], "--" + name.replace("_", "-")
         if value is None or (isinstance(value, list) and any(a.split("=")[0] == flag for a in argv)):
             continue  # None: not given; a list option given on the command line replaces the file's
+        if isinstance(value, bool):  # a switch: --name or --no-name
+            tokens.append(flag if value else "--no-" + flag[2:])
+            continue
         for item in value if isinstance(value, list) else [value]:
             tokens += [flag, str(item)]
     return [argv[0], *tokens, *argv[1:]]
@@ -381,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-quantile", type=float, default=0.999, help="pixel threshold: quantile of validation")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt")
+    p.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute the student's activations in the backward pass: less memory, the same result")
     p.add_argument("--config", help="a run's config.json (or any JSON object of these options) to train with; "
                                     "options given here override it")
     p.add_argument("--out", required=True)

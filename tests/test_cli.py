@@ -73,6 +73,18 @@ def test_command_line_options_override_the_config_file(trained, tmp_path):
     assert len(list(csv.DictReader((out / "train_log.csv").open()))) == 3
 
 
+def test_checkpointed_activations_train_the_same_run(trained, tmp_path):
+    out = tmp_path / "recomputed"
+    assert main(["train", "--config", str(trained / "config.json"), "--steps", "5", "--checkpoint-activations",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["checkpoint_activations"] is True
+    plain = tmp_path / "plain"
+    assert main(["train", "--config", str(trained / "config.json"), "--steps", "5", "--out", str(plain)]) == 0
+    rows = [list(csv.DictReader((run / "train_log.csv").open())) for run in (plain, out)]
+    for a, b in zip(*rows, strict=True):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-6)
+
+
 def test_bad_config_files(tmp_path):
     path = tmp_path / "config.json"
     for text, message in [('{"steps": 3, "stepz": 4}', "unknown train option.*stepz"),

@@ -16,17 +16,26 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("method", ["dmgrd", "drd", "rdpp", "rd4ad", "memkd"])
-def test_the_teacher_runs_once_per_training_step_without_a_graph(method):
+TRAINED_METHODS = ["dmgrd", "drd", "rdpp", "rd4ad", "memkd"]
+
+
+def prepared(method: str, options: dict | None = None) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A resnet18 model of ``method`` in train mode with its memory built from 4 random images, and the images."""
     torch.manual_seed(0)
-    model = METHODS[method]("resnet18", weights=None, image_size=SIZE, **OPTIONS.get(method, {}))
+    model = METHODS[method]("resnet18", weights=None, image_size=SIZE, **(options or {}))
     gen = torch.Generator().manual_seed(0)
     data = [{"image": torch.rand(3, SIZE, SIZE, generator=gen)} for _ in range(4)]
     model.train()
     model.prepare(data, torch.Generator().manual_seed(1), batch_size=2)
+    return model, torch.stack([d["image"] for d in data])
+
+
+@pytest.mark.parametrize("method", TRAINED_METHODS)
+def test_the_teacher_runs_once_per_training_step_without_a_graph(method):
+    model, images = prepared(method, OPTIONS.get(method))
     calls = []
     model.teacher.register_forward_hook(lambda module, args, out: calls.append((args[0].shape[0], out)))
-    images = torch.stack([d["image"] for d in data[:2]])
+    images = images[:2]
     losses = model.training_losses(images, torch.Generator().manual_seed(2))
     assert len(calls) == 1
     batch, feats = calls[0]

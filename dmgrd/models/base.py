@@ -95,6 +95,11 @@ class AnomalyModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def recomputed_modules(self) -> list[nn.Module]:
+        """The trainable parts ``fit(checkpoint_activations=True)`` recomputes in the backward pass instead of
+        keeping their activations (:mod:`dmgrd.models.recompute`); none by default."""
+        return []
+
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """Adam parameter groups; ``lr_scale`` multiplies the scheduled lr of its group (other keys, such as
         ``weight_decay``, are Adam's). One group of every trainable parameter by default."""

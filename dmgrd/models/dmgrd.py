@@ -173,6 +173,10 @@ class DMGRD(ReverseDistillation):
             return self.normal_memory.select(feats)
         return None, [guided_input(f, f) for f in feats]
 
+    def recomputed_modules(self) -> list[nn.Module]:
+        """MSFF (most of DM-GRD's activations), then the bottleneck and decoder stages."""
+        return [self.fusion, *super().recomputed_modules()]
+
     def student_features(self, teacher_feats):
         _, guided = self._normal_guidance(teacher_feats)
         return self.decode(self.fusion(guided))

@@ -4,6 +4,7 @@ by the per-pixel cosine distance of teacher and student pyramids (:func:`dmgrd.o
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from dmgrd import ops
 from dmgrd.losses import kd_loss
@@ -33,6 +34,10 @@ class ReverseDistillation(AnomalyModel):
     def decode(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Student pyramid from (possibly fused) teacher-shaped features."""
         return self.decoder(self.bottleneck(feats))
+
+    def recomputed_modules(self) -> list[nn.Module]:
+        """The bottleneck and each decoder stage."""
+        return [self.bottleneck, self.decoder.stage3, self.decoder.stage2, self.decoder.stage1]
 
     def student_features(self, teacher_feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """The student's reconstruction of the teacher pyramid at inference."""

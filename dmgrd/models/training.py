@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from dmgrd.models.checkpoint import read_payload
+from dmgrd.models.recompute import activation_checkpointing
 from dmgrd.models.state import data_buffers
 
 
@@ -135,7 +136,7 @@ def make_optimizer(model) -> torch.optim.Optimizer:
 
 def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | None = None, num_workers: int = 0,
         progress: bool = True, checkpoint: str | Path | None = None, checkpoint_every: int = 0,
-        resume: bool = False) -> list[dict[str, float]]:
+        resume: bool = False, checkpoint_activations: bool = False) -> list[dict[str, float]]:
     """Train ``model`` on normal images for ``steps`` optimiser steps and return the per-step losses.
 
     Builds the model's data-dependent state first (memory banks), then runs Adam over the model's
@@ -144,9 +145,12 @@ def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | N
     Every random draw of step ``s`` (batch, synthesis) comes from a generator seeded by ``(seed, s)``
     (default seed: the config's), so runs are reproducible. With ``checkpoint`` the model and its
     training state are saved there atomically every ``checkpoint_every`` steps and at the end;
-    ``resume=True`` continues from that file to the same
-    result as an uninterrupted run. A non-finite loss raises ``FloatingPointError`` before that step's update
-    (the parameters keep their values), and non-finite weights or statistics raise it before a checkpoint is
+    ``resume=True`` continues from that file to the same result as an uninterrupted run.
+    ``checkpoint_activations=True`` recomputes the model's
+    :meth:`~dmgrd.models.base.AnomalyModel.recomputed_modules` in the backward pass instead of keeping their
+    activations: less memory for about one more forward of those parts, the same result. A non-finite loss
+    raises ``FloatingPointError`` before that step's update (the parameters keep their values), and non-finite
+    weights or statistics raise it before a checkpoint is
     written, so the checkpoint always keeps the last good state. The model ends in eval mode.
 
     Inside an initialised process group (``torchrun``) the step runs under DistributedDataParallel: rank 0
@@ -183,33 +187,35 @@ def fit(model, train_data, steps: int = 1000, batch_size: int = 8, seed: int | N
     loader = DataLoader(train_data, batch_sampler=sampler, num_workers=num_workers)
     bar = tqdm(loader, desc=f"training {model.method}", initial=start, total=steps,
                disable=not progress or rank > 0, dynamic_ncols=True)
-    for step, batch in enumerate(bar, start):
-        images = batch["image"].to(device, non_blocking=True)
-        if not torch.isfinite(images).all():
-            raise ValueError(f"training batch at step {step} contains NaN or infinite pixel values")
-        scheduled = (config.lr if config.schedule == "constant"
-                     else warmup_cosine(step, steps, warmup, config.lr, config.min_lr))
-        for group in optimizer.param_groups:
-            group["lr"] = scheduled * group.get("lr_scale", 1.0)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses = training_step(images, seeded_generator(seed, "step", step, *([rank] if rank else [])))
-        record = {name: float(value.detach()) for name, value in losses.items()}
-        if not math.isfinite(record["loss"]):  # before the update: the model and its checkpoint stay the last good
-            raise FloatingPointError(f"training diverged at step {step}: loss {record['loss']}")
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
-        record["lr"] = optimizer.param_groups[0]["lr"]
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-        done = step + 1
-        if checkpoint is not None and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
-            _require_finite_state(model, done)
-            if rank == 0:
-                model.save(checkpoint, train_state={"step": done, "optimizer": optimizer.state_dict(),
-                                                    "history": history})
-            if world > 1:
-                dist.barrier()
+    recomputed = model.recomputed_modules() if checkpoint_activations else []
+    with activation_checkpointing(recomputed):
+        for step, batch in enumerate(bar, start):
+            images = batch["image"].to(device, non_blocking=True)
+            if not torch.isfinite(images).all():
+                raise ValueError(f"training batch at step {step} contains NaN or infinite pixel values")
+            scheduled = (config.lr if config.schedule == "constant"
+                         else warmup_cosine(step, steps, warmup, config.lr, config.min_lr))
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled * group.get("lr_scale", 1.0)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                losses = training_step(images, seeded_generator(seed, "step", step, *([rank] if rank else [])))
+            record = {name: float(value.detach()) for name, value in losses.items()}
+            if not math.isfinite(record["loss"]):  # before the update: model and checkpoint stay the last good
+                raise FloatingPointError(f"training diverged at step {step}: loss {record['loss']}")
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            record["lr"] = optimizer.param_groups[0]["lr"]
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            done = step + 1
+            if checkpoint is not None and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
+                _require_finite_state(model, done)
+                if rank == 0:
+                    model.save(checkpoint, train_state={"step": done, "optimizer": optimizer.state_dict(),
+                                                        "history": history})
+                if world > 1:
+                    dist.barrier()
     if world > 1:  # DDP syncs buffers before each forward; align the last step's statistics too
         for _, buffer in _trained_buffers(model):
             dist.broadcast(buffer, 0)
