@@ -174,8 +174,10 @@ class DMGRD(ReverseDistillation):
         return None, [guided_input(f, f) for f in feats]
 
     def recomputed_modules(self) -> list[nn.Module]:
-        """MSFF (most of DM-GRD's activations), then the bottleneck and decoder stages."""
-        return [self.fusion, *super().recomputed_modules()]
+        """Each MSFF block (most of DM-GRD's activations; one at a time is live in the backward pass), then the
+        bottleneck and decoder stages."""
+        fusion = list(self.fusion.blocks) if isinstance(self.fusion, MSFF) else [self.fusion]
+        return [*fusion, *super().recomputed_modules()]
 
     def student_features(self, teacher_feats):
         _, guided = self._normal_guidance(teacher_feats)
