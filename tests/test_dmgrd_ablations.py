@@ -15,7 +15,7 @@ LITE0 = "efficientnet_lite0"
 
 
 def test_without_normal_memory_the_student_ignores_the_bank(gen):
-    model = tiny_dmgrd(ablate="normal_memory").eval()
+    model = tiny_dmgrd(ablate="normal_memory", memory_map_levels=()).eval()
     assert model.config.ablate == ("normal_memory",)
     assert not model.normal_memory.filled and model.abnormal_memory.filled
     images = torch.rand(2, 3, 64, 64, generator=gen)
@@ -54,6 +54,7 @@ def test_without_msff_a_1x1_projection_fuses_each_level(gen):
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"ablate": "memory"}, "ablate must name"),
+    ({"ablate": "normal_memory"}, "the clean preset's: pass memory_map_levels=()"),
     ({"ablate": "normal_memory", "memory_map_levels": (3,)}, "no normal memory"),
     ({"ablate": "normal_memory", "triplet": "memory"}, "no normal memory"),
     ({"memory_map_levels": (0,)}, "memory_map_levels"),

@@ -235,7 +235,8 @@ def test_presets_differ_exactly_in_the_documented_behaviours():
     official = dmgrd.DMGRDConfig.from_preset("official")
     differing = {k for k, v in clean.to_dict().items() if official.to_dict()[k] != v}
     assert differing == {"preset", "selection", "blend", "ssot", "triplet", "image_score", "kd_target", "attention",
-                         "sample_order"}
+                         "sample_order", "memory_map_levels"}
+    assert clean.memory_map_levels == (3,) and official.memory_map_levels == ()
     assert official.image_score == "topk_mean" and official.topk == 100
 
 
