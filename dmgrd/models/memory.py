@@ -139,7 +139,7 @@ class MemoryBank(nn.Module):
         bank = self.unit_patches(level, window).to(feats.dtype)
         rows = nearest_rows(pixel_rows(F.normalize(query, dim=1)), bank)
         batch, _, height, width = feats.shape
-        return query, bank[rows].view(batch, height, width, -1).permute(0, 3, 1, 2)
+        return query, bank[rows].view(batch, height, width, bank.shape[1]).permute(0, 3, 1, 2)
 
     def check_filled(self) -> None:
         if not self.filled:

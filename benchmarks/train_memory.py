@@ -1,0 +1,66 @@
+"""Peak resident memory of training steps, one configuration per process (a script, not a benchmark test)::
+
+    OMP_NUM_THREADS=1 python benchmarks/train_memory.py dmgrd --backbone wide_resnet50_2 --recompute
+
+Prints, for each of ``--steps`` training steps (the second one holds Adam's state too), its time and the
+process's peak RSS during it (``/proc/self/status`` VmHWM, reset before each step). Random images and random
+teacher weights; DM-GRD's banks are built from 8 images.
+"""
+
+import argparse
+import time
+
+import torch
+
+from dmgrd.models.base import METHODS
+from dmgrd.models.recompute import activation_checkpointing
+from dmgrd.models.training import make_optimizer
+
+MEMORY_OPTIONS = {"dmgrd": {"memory_size": 8, "texture_count": 4}, "memkd": {"exemplars": 8}}
+
+
+def peak_rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", choices=sorted(METHODS))
+    parser.add_argument("--backbone", default="wide_resnet50_2")
+    parser.add_argument("--preset", default="clean")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--recompute", action="store_true", help="activation checkpointing")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = METHODS[args.method](args.backbone, weights=None, preset=args.preset, image_size=args.size,
+                                 **MEMORY_OPTIONS.get(args.method, {}))
+    gen = torch.Generator().manual_seed(0)
+    data = [{"image": torch.rand(3, args.size, args.size, generator=gen)} for _ in range(8)]
+    model.train()
+    model.prepare(data, torch.Generator().manual_seed(1), batch_size=4)
+    optimizer = make_optimizer(model)
+    images = torch.rand(args.batch_size, 3, args.size, args.size, generator=gen)
+    label = f"{args.method} {args.backbone} {args.preset} {'recompute' if args.recompute else 'plain'}"
+    print(f"{label}: before training, peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+    with activation_checkpointing(model.recomputed_modules() if args.recompute else []):
+        for step in range(args.steps):
+            reset_peak_rss()
+            start = time.perf_counter()
+            losses = model.training_losses(images, torch.Generator().manual_seed(step))
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            print(f"{label}: step {step} {time.perf_counter() - start:.1f} s, peak RSS {peak_rss_gib():.2f} GiB",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
