@@ -114,9 +114,7 @@ def test_model(benchmark, method, backbone, preset, mode):
     if mode.startswith("train"):
         if not model.needs_training:
             pytest.skip(f"{method} has no training step (fit builds its memory bank)")
-        recomputed = model.recomputed_modules() if mode == "train-recompute" else []
-        with activation_checkpointing(recomputed):
-            bench_training(benchmark, model, mode)
+        bench_training(benchmark, model, recompute=mode == "train-recompute")
         return
     if mode == "compiled":
         bench_compiled(benchmark, copy.deepcopy(model).optimize(compile=True))
@@ -163,8 +161,13 @@ def benchmark_inference(benchmark, model, batch: int, mode: str) -> None:
     record(benchmark, profiler, counted, ROUNDS, batch)
 
 
-def bench_training(benchmark, model, mode: str) -> None:
-    """One training step; ``mode`` "train-recompute" runs it under activation checkpointing (set by the caller)."""
+def bench_training(benchmark, model, recompute: bool) -> None:
+    """One training step, with activation checkpointing when ``recompute``."""
+    with activation_checkpointing(model.recomputed_modules() if recompute else []):
+        _bench_training(benchmark, model, "train-recompute" if recompute else "train")
+
+
+def _bench_training(benchmark, model, mode: str) -> None:
     model.train()
     optimizer = make_optimizer(model)
     images = torch.rand(TRAIN_BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)).to(DEVICE)

@@ -3,30 +3,19 @@
     OMP_NUM_THREADS=1 python benchmarks/train_memory.py dmgrd --backbone wide_resnet50_2 --recompute
 
 Prints, for each of ``--steps`` training steps (the second one holds Adam's state too), its time and the
-process's peak RSS during it (``/proc/self/status`` VmHWM, reset before each step). Random images and random
-teacher weights; DM-GRD's banks are built from 8 images.
+process's peak RSS during it (peak CUDA allocation on a GPU; ``bench_models``' measure, reset before each step).
+Random images and random teacher weights; DM-GRD's banks are built from 8 images.
 """
 
 import argparse
 import time
 
 import torch
+from bench_models import DEVICE, MEMORY_OPTIONS, peak_memory_mb, peak_memory_reset
 
 from dmgrd.models.base import METHODS
 from dmgrd.models.recompute import activation_checkpointing
 from dmgrd.models.training import make_optimizer
-
-MEMORY_OPTIONS = {"dmgrd": {"memory_size": 8, "texture_count": 4}, "memkd": {"exemplars": 8}}
-
-
-def peak_rss_gib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def main() -> None:
@@ -41,24 +30,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = METHODS[args.method](args.backbone, weights=None, preset=args.preset, image_size=args.size,
-                                 **MEMORY_OPTIONS.get(args.method, {}))
+                                 **MEMORY_OPTIONS.get(args.method, {})).to(DEVICE)
     gen = torch.Generator().manual_seed(0)
     data = [{"image": torch.rand(3, args.size, args.size, generator=gen)} for _ in range(8)]
     model.train()
     model.prepare(data, torch.Generator().manual_seed(1), batch_size=4)
     optimizer = make_optimizer(model)
-    images = torch.rand(args.batch_size, 3, args.size, args.size, generator=gen)
+    images = torch.rand(args.batch_size, 3, args.size, args.size, generator=gen).to(DEVICE)
     label = f"{args.method} {args.backbone} {args.preset} {'recompute' if args.recompute else 'plain'}"
-    print(f"{label}: before training, peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+    print(f"{label}: before training, peak {peak_memory_mb() / 1024:.2f} GiB", flush=True)
     with activation_checkpointing(model.recomputed_modules() if args.recompute else []):
         for step in range(args.steps):
-            reset_peak_rss()
+            peak_memory_reset()
             start = time.perf_counter()
             losses = model.training_losses(images, torch.Generator().manual_seed(step))
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
-            print(f"{label}: step {step} {time.perf_counter() - start:.1f} s, peak RSS {peak_rss_gib():.2f} GiB",
+            print(f"{label}: step {step} {time.perf_counter() - start:.1f} s, peak {peak_memory_mb() / 1024:.2f} GiB",
                   flush=True)
 
 

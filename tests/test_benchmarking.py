@@ -48,7 +48,7 @@ def test_a_grid_runs_resumably_to_the_results_of_an_uninterrupted_one(tmp_path):
     partial = benchmarking.read_results(killed)
     assert first.returncode == -signal.SIGKILL, "the grid finished before it could be killed"
     # what a killed grid leaves: some finished cells of the same grid, not all of them
-    assert 1 <= len(partial) < 3 and {r["key"] for r in partial} < {r["key"] for r in expected}
+    assert partial and {r["key"] for r in partial} < {r["key"] for r in expected}
     resumed = run_cli(*TINY, "--seeds", "0,1,2", "--out", str(killed))
     _, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-2000:]

@@ -45,7 +45,7 @@ class DMGRDConfig(ModelConfig):
     sample, the embedding triplet, ``kd_target="clean"`` (restore the clean teacher features),
     softmax non-local attention through ``scaled_dot_product_attention``, Bernoulli(0.5) augmentation, and
     ``memory_map_levels=(3,)``: the normal memory also scores the map directly (on KolektorSDD at 640x256, 3
-    seeds, image AUROC 0.75 -> 0.85 and AUPRO@0.3 0.56 -> 0.62; docs/results.md).
+    seeds, image AUROC 0.76 -> 0.86 and AUPRO@0.3 0.56 -> 0.63; docs/results.md).
 
     Options beyond the paper (defaults off in both presets, but for the clean preset's ``memory_map_levels``):
     ``memory="patch"`` compares every pixel with its nearest normal (abnormal) memory *patch*, PatchCore-style,
