@@ -67,10 +67,7 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, blur: float = 0.05, sc
             both = torch.cat([x, y], dim=1)
             diameter = (both.amax(1) - both.amin(1)).norm(dim=-1).max().item() or 1.0
     eps_list = _epsilon_schedule(diameter, blur, scaling)
-    ot_xy = _ot_entropic(x, y, eps_list)
-    ot_xx = _ot_entropic(x, x, eps_list)
-    ot_yy = _ot_entropic(y, y, eps_list)
-    return ot_xy - 0.5 * (ot_xx + ot_yy)
+    return _ot_entropic(x, y, eps_list) - 0.5 * (_ot_self(x, eps_list) + _ot_self(y, eps_list))
 
 
 def _epsilon_schedule(diameter: float, blur: float, scaling: float) -> list[float]:
@@ -103,6 +100,22 @@ def _ot_entropic(x: torch.Tensor, y: torch.Tensor, eps_list: list[float]) -> tor
     return f.mean(1) + g.mean(1)
 
 
+def _ot_self(x: torch.Tensor, eps_list: list[float]) -> torch.Tensor:
+    """:func:`_ot_entropic` of ``x`` with itself, with one potential: the cost is symmetric, so the symmetric
+    updates keep ``f == g`` from their common start, and the two halves of the value and gradient are equal."""
+    cost = torch.cdist(x, x).square() / 2
+    log_a = -math.log(x.shape[1])
+
+    def update(f, eps, cost):
+        return -eps * torch.logsumexp(log_a + (f.unsqueeze(1) - cost) / eps, dim=2)
+
+    f = torch.zeros(x.shape[:2], device=x.device)
+    with torch.no_grad():
+        for eps in eps_list:
+            f = 0.5 * (f + update(f, eps, cost.detach()))
+    return 2 * update(f, eps_list[-1], cost).mean(1)
+
+
 def ssot_loss(feats: list[torch.Tensor], mode: str, generator: torch.Generator | None = None,
               num_points: int = 1024, blur: float = 0.05) -> torch.Tensor:
     """Self-supervised OT between each sample's feature cloud and another sample's (SPEC §3.4).
@@ -122,13 +135,17 @@ def ssot_loss(feats: list[torch.Tensor], mode: str, generator: torch.Generator |
         clouds = [torch.softmax(z.float().flatten(1), dim=1).unsqueeze(0) for z in feats]  # 1 x B x CHW each
         return level_sum(sinkhorn_divergence(cloud, cloud[:, perm], blur=blur).sum() for cloud in clouds)
     shift = int(torch.randint(1, batch, (1,), generator=generator))
+    eps_list = _epsilon_schedule(2.0, blur, 0.5)  # unit vectors: diameter 2
     terms = []
     for z in feats:
         points = F.normalize(z.float().flatten(2).transpose(1, 2), dim=2)  # B x HW x C
         if points.shape[1] > num_points:
             keep = torch.randperm(points.shape[1], generator=generator)[:num_points].to(device)
             points = points[:, keep]
-        terms.append(sinkhorn_divergence(points, points.roll(shift, dims=0), blur=blur, diameter=2.0).mean())
+        # The batch mean of sinkhorn_divergence(points, rolled): the rolled clouds' self-terms are the same
+        # problems as the points' own, so both debiasing halves average to the points' self-term.
+        rolled = points.roll(shift, dims=0)
+        terms.append((_ot_entropic(points, rolled, eps_list) - _ot_self(points, eps_list)).mean())
     return level_sum(terms)
 
 

@@ -88,3 +88,14 @@ def test_memory_map_adds_the_cosine_distance_to_the_nearest_normal_patch(gen):
     # a memory patch scores ~0 against itself: memory images' own map term vanishes
     query_self, nearest = model.normal_memory.nearest_unit_patches(model.normal_memory.items[2], 2)
     assert float((1 - F.cosine_similarity(query_self, nearest, dim=1)).abs().max()) < 1e-5
+
+
+def test_line_shaped_pseudo_anomalies_train_and_survive_save_load(gen, tmp_path):
+    model = tiny_dmgrd(anomaly_shapes=("blobs", "lines"))
+    assert model.synthesizer is not None and model.synthesizer.shapes == ("blobs", "lines")
+    images = torch.rand(4, 3, 64, 64, generator=gen)
+    lines = tiny_dmgrd(anomaly_shapes="lines").training_losses(images, torch.Generator().manual_seed(1))
+    blobs = tiny_dmgrd().training_losses(images, torch.Generator().manual_seed(1))
+    assert torch.isfinite(lines["loss"]) and not torch.equal(lines["kd"], blobs["kd"])  # other inputs, other loss
+    model.save(tmp_path / "lines.pt")
+    assert dmgrd.load(tmp_path / "lines.pt").config.anomaly_shapes == ("blobs", "lines")

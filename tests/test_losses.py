@@ -35,6 +35,23 @@ def test_ssot_sinkhorn_is_per_sample_and_differentiable(gen):
         ssot_loss([z], "geomloss", gen)
 
 
+@pytest.mark.parametrize("shape", [(4, 6, 5, 3), (5, 3, 7, 9)])
+def test_ssot_sinkhorn_is_the_batch_mean_of_the_divergence_to_the_rolled_batch(gen, shape):
+    # ssot_loss computes one self-term where the divergence has two (the rolled batch's self-terms are the
+    # same problems); value and gradient must still be the batch mean of sinkhorn_divergence itself.
+    seed = int(torch.randint(2**31, (1,), generator=gen))
+    z = torch.randn(*shape, generator=gen, dtype=torch.float32, requires_grad=True)
+    value = ssot_loss([z], "sinkhorn", torch.Generator().manual_seed(seed), num_points=10**6)
+    (grad,) = torch.autograd.grad(value, z)
+    shift = int(torch.randint(1, shape[0], (1,), generator=torch.Generator().manual_seed(seed)))
+    points = torch.nn.functional.normalize(z.flatten(2).transpose(1, 2), dim=2)
+    expected = sinkhorn_divergence(points, points.roll(shift, dims=0), blur=0.05, diameter=2.0).mean()
+    (expected_grad,) = torch.autograd.grad(expected, z)
+    # float32 sums in another order; measured over 50 seeds: value and gradient <= 2.2e-7 relative
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6 * float(expected_grad.abs().max()))
+
+
 def test_contrast_loss_definition(gen):
     a = torch.randn(4, 3, 5, 5, generator=gen)
     n = a + 0.1 * torch.randn(4, 3, 5, 5, generator=gen)

@@ -347,14 +347,92 @@ def test_synth_resizes_textures_once_per_size(synthesizer):
     assert synthesizer.synth(images, seeded(1))[0].shape == images.shape
 
 
+# --- thin polylines ------------------------------------------------------------------------------------
+
+
+def test_rasterized_lines_are_capsules_of_their_width():
+    # A segment of length L and width w covers about L * w + pi w^2 / 4 pixels (a capsule; pixel centres within
+    # w / 2 of it); an inactive segment draws nothing; a bent polyline is the union of its segments.
+    points = torch.tensor([[[100.0, 50.0], [100.0, 150.0], [300.0, 150.0]],  # horizontal, then down
+                           [[50.0, 50.0], [117.3, 250.1], [0.0, 0.0]],  # slanted, second segment inactive
+                           [[20.0, 300.5], [220.0, 300.5], [220.0, 300.5]]])  # 1 pixel wide, then zero length
+    active = torch.tensor([[True, True], [True, False], [True, True]])
+    radius = torch.tensor([2.0, 3.0, 0.5])
+    masks = S.rasterize_polylines(points, active, radius, (400, 400))
+    assert masks.shape == (3, 1, 400, 400) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    length = torch.tensor([math.hypot(67.3, 200.1), 200.0])
+    area = length * 2 * radius[1:] + math.pi * radius[1:] ** 2
+    measured = masks[1:].sum((1, 2, 3))
+    assert ((measured - area).abs() / area).max() < 0.02  # measured: 0.3 % and 0.6 %
+    assert masks[1, 0, 130:].sum() == 0 and masks[1, 0, :40].sum() == 0  # only the active segment
+    assert masks[2, 0, :, 299].sum() == masks[2, 0, :, 301].sum() == 0 < masks[2, 0, :, 300].sum()  # 1 pixel wide
+    pieces = [S.rasterize_polylines(points[:1, k:k + 2], active[:1, :1], radius[:1], (400, 400)) for k in (0, 1)]
+    assert torch.equal(masks[:1], torch.maximum(*pieces))
+
+
+def test_polyline_mask_small_and_scales_with_the_image(gen):
+    seed = int(torch.randint(2**31, (1,), generator=gen))
+    small = S.polyline_mask(32, (640, 256), torch.Generator().manual_seed(seed))
+    large = S.polyline_mask(32, (1280, 512), torch.Generator().manual_seed(seed))
+    fraction = small.mean((1, 2, 3))
+    assert fraction.max() < 0.02  # a thin defect: over 50 seeds at most 0.44 % of a 640x256 image
+    assert (fraction > 0).float().mean() > 0.5  # most lines are on the image (over 50 seeds: 32 of 32)
+    # Twice the size: the same line, twice as long and twice as wide, so four times the pixels.
+    ratio = large.sum() / small.sum().clamp_min(1)
+    assert 3.6 < ratio < 4.4  # over 50 seeds: 3.97-4.04
+
+
+def test_synth_lines_are_thin_scratches_and_blobs_are_unchanged(gen):
+    textures = S.procedural_textures(4, (64, 48), seeded(0))
+    images = torch.rand(16, 3, 64, 48, generator=gen)
+    seed = int(torch.randint(2**31, (1,), generator=gen))
+    blobs = S.AnomalySynthesizer(textures).synth(images, seeded(seed))
+    named = S.AnomalySynthesizer(textures, shapes=("blobs",)).synth(images, seeded(seed))
+    assert all(torch.equal(a, b) for a, b in zip(blobs, named, strict=True))  # the default draws nothing more
+    augmented, mask = S.AnomalySynthesizer(textures, shapes=("lines",)).synth(images, seeded(seed))
+    outside = (mask == 0).expand_as(images)
+    assert torch.equal(augmented[outside], images[outside])
+    assert mask.mean() < 0.02  # over 50 seeds: 0.4-0.6 % of a 64x48 image (blobs: about 25 %)
+    inside = mask[:, 0] == 1
+    assert (augmented - images).abs().mean(1)[inside].mean() > 0.05  # over 50 seeds: 0.16-0.25
+
+    def thin_and_thick(masks: torch.Tensor) -> tuple[int, int]:
+        """Masks a 3x3 erosion removes entirely (lines one pixel wide at this size) and masks it leaves."""
+        eroded = -torch.nn.functional.max_pool2d(-masks, 3, stride=1, padding=1)
+        area, left = masks.sum((1, 2, 3)), eroded.sum((1, 2, 3))
+        return int(((area > 0) & (left == 0)).sum()), int((left > 0).sum())
+
+    assert thin_and_thick(mask) == (16, 0)
+    # Both shapes in one batch of 16, each drawn with probability 1/2 (over 50 seeds: 7-14 thin, 2-9 thick; a
+    # Perlin blob can be empty or thin at this size).
+    thin, thick = thin_and_thick(S.AnomalySynthesizer(textures, shapes=("blobs", "lines")).synth(images,
+                                                                                                 seeded(seed))[1])
+    assert thin >= 3 and thick >= 1
+
+
+def test_line_shapes_need_the_draem_blend():
+    with pytest.raises(ValueError, match="shapes"):
+        S.AnomalySynthesizer(torch.rand(2, 3, 8, 8), shapes=("lines", "lines"))
+    with pytest.raises(ValueError, match="shapes"):
+        S.AnomalySynthesizer(torch.rand(2, 3, 8, 8), shapes=("cracks",))
+    with pytest.raises(ValueError, match="draem"):
+        S.AnomalySynthesizer(torch.rand(2, 3, 8, 8), blend="dmgrd_legacy", shapes=("lines",))
+    with pytest.raises(ValueError, match="anomaly_shapes"):
+        dmgrd.DMGRDConfig.from_preset("clean", anomaly_shapes=("blobs", "dots"))
+    with pytest.raises(ValueError, match="draem"):
+        dmgrd.DMGRDConfig.from_preset("official", anomaly_shapes=("lines",))
+    assert dmgrd.DMGRDConfig.from_preset("clean", anomaly_shapes="lines").anomaly_shapes == ("lines",)
+
+
 @pytest.mark.parametrize(
     "make",
     [
         lambda g: S.perlin_noise(2, 24, (3, 5), g),
         lambda g: S.perlin_mask(4, 24, g),
         lambda g: S.procedural_textures(2, 16, g),
+        lambda g: S.polyline_mask(4, (40, 24), g),
     ],
-    ids=["perlin_noise", "perlin_mask", "procedural_textures"],
+    ids=["perlin_noise", "perlin_mask", "procedural_textures", "polyline_mask"],
 )
 def test_functions_deterministic_and_global_rng_untouched(make):
     torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()

@@ -20,7 +20,7 @@ from dmgrd.models.fusion import ATTENTION_MODES, MSFF, GuidedProjection
 from dmgrd.models.memory import MEMORY_KINDS, SELECTIONS, MemoryBank, PatchMemoryBank, Selection, guided_input
 from dmgrd.models.reverse_distillation import ReverseDistillation
 from dmgrd.models.teacher import split_batch
-from dmgrd.synthesis import BLEND_MODES, AnomalySynthesizer, procedural_textures
+from dmgrd.synthesis import BLEND_MODES, SHAPES, AnomalySynthesizer, procedural_textures
 
 KD_TARGETS = ("input", "clean")
 SAMPLE_ORDERS = ("random", "alternate")
@@ -76,6 +76,7 @@ class DMGRDConfig(ModelConfig):
     textures: str | None = None
     texture_count: int = 32
     anomaly_prob: float = 0.5
+    anomaly_shapes: tuple[str, ...] = ("blobs",)
     sample_order: str = "random"
     kd_target: str = "clean"
     attention: str = "softmax"
@@ -135,6 +136,12 @@ class DMGRDConfig(ModelConfig):
         if not set(ablate) <= set(ABLATIONS):
             raise ValueError(f"ablate must name parts of {ABLATIONS}, got {self.ablate!r}")
         self.ablate = tuple(sorted(set(ablate)))
+        shapes = (self.anomaly_shapes,) if isinstance(self.anomaly_shapes, str) else tuple(self.anomaly_shapes)
+        if not shapes or not set(shapes) <= set(SHAPES) or len(set(shapes)) != len(shapes):
+            raise ValueError(f"anomaly_shapes must be distinct names of {SHAPES}, got {self.anomaly_shapes!r}")
+        if "lines" in shapes and self.blend != "draem":
+            raise ValueError(f"anomaly_shapes with 'lines' need blend='draem', got blend={self.blend!r}")
+        self.anomaly_shapes = shapes
         if "normal_memory" in self.ablate and (levels or self.triplet in ("memory", "legacy")):
             raise ValueError("ablate='normal_memory' leaves no normal memory for memory_map_levels "
                              f"{levels} (the clean preset's: pass memory_map_levels=() too) or "
@@ -202,7 +209,8 @@ class DMGRD(ReverseDistillation):
         count = self.config.memory_size
         if len(train_data) < count:
             raise ValueError(f"DM-GRD needs at least memory_size={count} training images, got {len(train_data)}")
-        self.synthesizer = AnomalySynthesizer(self._textures(generator), blend=self.config.blend)
+        self.synthesizer = AnomalySynthesizer(self._textures(generator), blend=self.config.blend,
+                                              shapes=self.config.anomaly_shapes)
         if not build_memory:
             return
         indices = torch.randperm(len(train_data), generator=generator)[:count]
