@@ -274,10 +274,13 @@ def _plot_curves(rows: list[dict[str, Any]], out: Path, path: Path) -> None:
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``"name:key=value,key=value"`` (values read as JSON where they parse, else as strings)."""
+    """``"name:key=value,key=value"`` (values read as JSON where they parse, else as strings); a comma inside a
+    JSON list, object or string belongs to the value (``"lines:anomaly_shapes=["blobs","lines"],seed=1"``)."""
     name, _, assignments = text.partition(":")
+    if not name:
+        raise ValueError(f"a variant needs a name: {text!r}")
     options: dict[str, Any] = {}
-    for item in filter(None, assignments.split(",")):
+    for item in filter(None, _top_level_split(assignments)):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"variant {name!r}: {item!r} is not key=value")
@@ -285,6 +288,22 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    if not name:
-        raise ValueError(f"a variant needs a name: {text!r}")
     return name, options
+
+
+def _top_level_split(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets, braces and double quotes."""
+    parts, depth, quoted, start = [], 0, False, 0
+    for i, char in enumerate(text):
+        if char == '"' and (i == 0 or text[i - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted and char in "[{":
+            depth += 1
+        elif not quoted and char in "]}":
+            depth -= 1
+        elif not quoted and depth == 0 and char == ",":
+            parts.append(text[start:i])
+            start = i + 1
+    if depth or quoted:
+        raise ValueError(f"unbalanced brackets or quotes in variant options {text!r}")
+    return [*parts, text[start:]]

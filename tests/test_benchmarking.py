@@ -78,6 +78,14 @@ def test_variants_sizes_and_unknown_methods():
         "no-msff", {"attention": "softmax", "memory_size": 10, "triplet_margin": 0.5})
     with pytest.raises(ValueError, match="key=value"):
         benchmarking.parse_variant("bad:memory_size")
+    assert benchmarking.parse_variant('lines:anomaly_shapes=["blobs","lines"],memory_map_levels=[],textures=a,b=1') == (
+        "lines", {"anomaly_shapes": ["blobs", "lines"], "memory_map_levels": [], "textures": "a", "b": 1})
+    assert benchmarking.parse_variant('x:note="a, b",opts={"k": [1, 2]}') == (
+        "x", {"note": "a, b", "opts": {"k": [1, 2]}})
+    with pytest.raises(ValueError, match="unbalanced"):
+        benchmarking.parse_variant("bad:anomaly_shapes=[blobs,lines")
+    with pytest.raises(ValueError, match="needs a name"):
+        benchmarking.parse_variant(":memory_size=3")
     assert parse_size("640x256") == (640, 256) and parse_size("64") == 64
     for text in ("64x", "0x32", "big"):
         with pytest.raises(ValueError, match="image size"):
