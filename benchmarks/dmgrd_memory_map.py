@@ -3,6 +3,7 @@ score KolektorSDD, alone and summed with weights (a script, not a benchmark test
 
     OMP_NUM_THREADS=1 python benchmarks/dmgrd_memory_map.py runs/s0/model.pt ../shared/data/kolektorsdd/kolektor
 
+Several checkpoints may be given (e.g. the snapshots of ``dmgrd_training_length.py``); each is scored in turn.
 The checkpoint: a clean DM-GRD trained at 640x256 (``dmgrd train --data .../kolektor --method dmgrd --backbone
 efficientnet_lite0 --image-size 640x256 --steps 100 --seed 0``). ``mem30`` is the model's own normal memory (30
 images), ``memall`` the stride-16 patches of every training image.
@@ -27,12 +28,18 @@ def unit_patches(feats: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoints", type=Path, nargs="+")
     parser.add_argument("category", type=Path, help="a category folder in the MVTec AD layout")
     args = parser.parse_args()
-    model = dmgrd.load(args.checkpoint).eval()
+    for checkpoint in args.checkpoints:
+        print(f"== {checkpoint}", flush=True)
+        score_maps(dmgrd.load(checkpoint).eval(), args.category)
+
+
+def score_maps(model: dmgrd.DMGRD, category: Path) -> None:
+    """Print image AUROC, pixel AUROC and AUPRO@0.3 of the model's maps, taken apart, on the category's test set."""
     size = model.config.size
-    train, test = (dmgrd.data.MVTecAD(args.category.parent, args.category.name, split, image_size=size)
+    train, test = (dmgrd.data.MVTecAD(category.parent, category.name, split, image_size=size)
                    for split in ("train", "test"))
     labels = [test[i]["label"] for i in range(len(test))]
     masks = torch.stack([test[i]["mask"] for i in range(len(test))]).numpy()

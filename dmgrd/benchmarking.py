@@ -1,16 +1,17 @@
 """Accuracy benchmarks: a grid of data sets x methods x variants (presets and config overrides) x seeds, run cell
 by cell, resumably, each cell in its own process (so its peak memory is its own).
 
-Every finished cell appends one JSON line to ``results.jsonl`` (metrics, training wall-clock, inference
-images/s, peak memory) and its curves to ``curves/``; a rerun skips the cells already there, so a killed grid
-continues where it stopped (a cell cut off mid-way runs again from its start, to the same result: training is
-deterministic per seed). After each cell ``results.csv``, ``summary.md`` (mean ± std over seeds) and the plots
-(``metrics_<data>.png``: bars with error bars; ``curves_<data>.png``: image ROC and PRO of the first seed) are
-rewritten from all results so far.
+Every finished cell appends one JSON line to ``results.jsonl`` (metrics, training wall-clock and processor
+time, inference images/s, peak memory) and its curves to ``curves/``; a rerun skips the cells already there, so a
+killed grid continues where it stopped (a cell cut off mid-way runs again from its start, to the same result:
+training is deterministic per seed). After each cell ``results.csv``, ``summary.md`` (mean ± std over seeds) and
+the plots (``metrics_<data>.png``: bars with error bars; ``curves_<data>.png``: image ROC and PRO of the first
+seed) are rewritten from all results so far.
 """
 
 import csv
 import json
+import math
 import multiprocessing
 import resource
 import statistics
@@ -27,6 +28,9 @@ from tqdm.auto import tqdm
 from dmgrd import data, engine, metrics, models
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max")
+# Training wall-clock and processor time (all threads: with one thread, what the training costs on a core of its
+# own however busy the machine is), inference images/s, peak memory.
+COSTS = ("train_seconds", "train_cpu_seconds", "images_per_second", "peak_memory_mb")
 CURVE_POINTS = 200  # points kept of each curve (evenly in FPR)
 
 
@@ -90,9 +94,9 @@ def run_cell(cell: Cell, budget: Budget, curves_dir: Path) -> dict[str, Any]:
                                         seed=cell.seed, **options).to(budget.device)
     train = open_data(cell.data, "train", budget.image_size, cell.seed)
     test = open_data(cell.data, "test", budget.image_size, cell.seed)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     model.fit(train, steps=budget.steps, batch_size=budget.batch_size, progress=False)
-    train_seconds = time.perf_counter() - start
+    train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     start = time.perf_counter()
     results = engine.predict(model, test, batch_size=budget.batch_size, progress=False)
     if budget.device.startswith("cuda"):
@@ -100,7 +104,8 @@ def run_cell(cell: Cell, budget: Budget, curves_dir: Path) -> dict[str, Any]:
     infer_seconds = time.perf_counter() - start
     row = {**asdict(cell), "key": cell.key, "data": data_name(cell.data),
            **metrics.compute_metrics(results.scores, results.labels, results.maps, results.masks),
-           "train_seconds": train_seconds, "images_per_second": len(test) / infer_seconds,
+           "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
+           "images_per_second": len(test) / infer_seconds,
            "peak_memory_mb": _peak_memory_mb(budget.device), **asdict(budget)}
     _write_curves(results, curves_dir / f"{cell.key.replace('/', '_')}.json")
     return row
@@ -187,8 +192,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     summary = []
     for (data_set, method, variant), group in groups.items():
         entry: dict[str, Any] = {"data": data_set, "method": method, "variant": variant, "seeds": len(group)}
-        for name in (*METRICS, "train_seconds", "images_per_second", "peak_memory_mb"):
-            values = [float(r[name]) for r in group]
+        for name in (*METRICS, *COSTS):
+            values = [float(r.get(name, math.nan)) for r in group]
+            if any(math.isnan(v) for v in values):  # rows written by older versions lack some costs
+                entry[name] = entry[name + "_std"] = math.nan
+                continue
             entry[name] = statistics.fmean(values)
             entry[name + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         summary.append(entry)
@@ -216,13 +224,17 @@ def write_reports(out: Path) -> None:
 def markdown_table(summary: list[dict[str, Any]]) -> str:
     """The summary as a markdown table: mean ± std over the seeds."""
     lines = ["| data | method | variant | seeds | image AUROC | pixel AUROC | AUPRO@0.3 | image F1-max | "
-             "pixel F1-max | train s | images/s | peak MB |", "|" + "---|" * 12]
+             "pixel F1-max | train s | train CPU s | images/s | peak MB |", "|" + "---|" * 13]
     for e in summary:
         cells = [f"{e[m]:.4f} ± {e[m + '_std']:.4f}" for m in METRICS]
-        costs = [f"{e['train_seconds']:.0f}", f"{e['images_per_second']:.1f}", f"{e['peak_memory_mb']:.0f}"]
+        costs = [_number(e[name], digits) for name, digits in zip(COSTS, (0, 0, 1, 0), strict=True)]
         lines.append(f"| {e['data']} | {e['method']} | {e['variant']} | {e['seeds']} | " + " | ".join(cells + costs)
                      + " |")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float, digits: int) -> str:
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _plot_metrics(entries: list[dict[str, Any]], path: Path) -> None:

@@ -14,7 +14,7 @@ from dmgrd.layout import parse_size
 
 TINY = ["--data", "synthetic:object", "--methods", "rd4ad", "--backbone", "test_efficientnet", "--weights", "none",
         "--image-size", "32x64", "--steps", "2", "--batch-size", "4", "--device", "cpu", "--in-process"]
-TIMING = {"train_seconds", "images_per_second", "peak_memory_mb"}
+TIMING = {"train_seconds", "train_cpu_seconds", "images_per_second", "peak_memory_mb"}
 
 
 def run_cli(*args: str) -> subprocess.Popen:
@@ -60,6 +60,7 @@ def test_an_isolated_cell_reports_its_own_process_peak_memory(tmp_path):
     (row,) = benchmarking.benchmark(["synthetic:texture"], ["patchcore"], tmp_path, [0], budget=budget, progress=False)
     assert row["key"] == "synthetic-texture/patchcore/clean/seed0" and 0 <= row["image_auroc"] <= 1
     assert row["peak_memory_mb"] > 100 and row["images_per_second"] > 0  # a fresh process: torch and the model
+    assert row["train_cpu_seconds"] > 0 and row["train_seconds"] > 0
     assert (tmp_path / "curves" / "synthetic-texture_patchcore_clean_seed0.json").is_file()
 
 
@@ -71,6 +72,9 @@ def test_summary_is_the_mean_and_sample_std_over_seeds():
     assert entry["image_auroc"] == pytest.approx(0.9) and entry["image_auroc_std"] == pytest.approx(0.1)
     assert entry["train_seconds_std"] == 0.0
     assert "0.9000 ± 0.1000" in benchmarking.markdown_table([entry])
+    assert "| 1 | – | 2.0 | 3 |" in benchmarking.markdown_table([entry])  # rows without the CPU time: shown as –
+    rows[0]["train_cpu_seconds"] = rows[1]["train_cpu_seconds"] = rows[2]["train_cpu_seconds"] = 4.0
+    assert "| 1 | 4 | 2.0 | 3 |" in benchmarking.markdown_table(benchmarking.summarise(rows))
 
 
 def test_variants_sizes_and_unknown_methods():
