@@ -77,11 +77,14 @@ def score_maps(model: dmgrd.DMGRD, category: Path) -> None:
     report("student-teacher map (levels 1-3)", rd_sum)
     for level in range(3):
         report(f"student-teacher level {level + 1}", rd[:, level:level + 1])
+    coarse = rd[:, 1:].sum(1, keepdim=True)
+    report("student-teacher levels 2-3", coarse)
     for name, parts in memory_maps.items():
         memory_map = torch.cat(parts)
         report(name, memory_map)
         for weight in (1, 3, 10):
             report(f"student-teacher + {weight} * {name}", rd_sum + weight * memory_map)
+        report(f"student-teacher levels 2-3 + {name}", coarse + memory_map)
 
 
 if __name__ == "__main__":

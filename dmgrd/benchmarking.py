@@ -65,11 +65,20 @@ def open_data(spec: str, split: str, image_size: int | tuple[int, int], seed: in
 def grid(datasets: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
          variants: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
     """Every cell of data sets x methods x variants x seeds. A variant is a name and config options (its
-    ``preset`` among them, default ``"clean"``); without variants, one ``"clean"`` variant."""
+    ``preset`` among them, default ``"clean"``); without variants, one ``"clean"`` variant. Every method's
+    config is built from every variant first, so a preset or option a method lacks fails before any cell runs."""
     variants = variants or {"clean": {}}
     unknown = sorted(set(methods) - set(models.METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(models.METHODS)}")
+    for method in methods:
+        for name, options in variants.items():
+            config_options = dict(options)
+            try:
+                models.METHODS[method].config_class.from_preset(config_options.pop("preset", "clean"),
+                                                                **config_options)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"variant {name!r} does not fit {method}: {error}") from None
     return [Cell(d, m, name, s, dict(options)) for d in datasets for m in methods
             for name, options in variants.items() for s in seeds]
 

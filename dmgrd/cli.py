@@ -28,6 +28,7 @@ from dmgrd.models import METHODS
 from dmgrd.models.checkpoint import read_payload
 
 DATASETS = {"mvtec": MVTecAD, "visa": VisA, "btad": BTAD, "folder": Folder, "synthetic": Synthetic}
+PRESET_NAMES = sorted({name for method in METHODS.values() for name in method.config_class.PRESETS})
 CHECKPOINT_NAME = "model.pt"
 CONFIG_NAME = "config.json"
 # train options that config.json does not record: where to write, whether to resume, the file itself
@@ -88,6 +89,10 @@ def init_distributed(device: str) -> tuple[int, str]:
 def train(args) -> int:
     """Fit a model, then write the run folder: the checkpoint (with decision thresholds), config.json (every
     train option, loadable with --config, and what the run ran on) and the training log."""
+    cls = METHODS[args.method]
+    if args.preset not in cls.config_class.PRESETS:
+        raise SystemExit(f"dmgrd: {args.method} has no preset {args.preset!r}; its presets: "
+                         f"{', '.join(cls.config_class.PRESETS)}")
     recorded = _recorded_options(args)
     rank, args.device = init_distributed(args.device)
     out = Path(args.out)
@@ -95,7 +100,6 @@ def train(args) -> int:
     checkpoint = out / CHECKPOINT_NAME
     data = make_dataset(args, "train", args.image_size)
     train_data, validation = engine.split_validation(data, args.val_fraction, args.seed)
-    cls = METHODS[args.method]
     options = {"textures": args.textures} if args.method == "dmgrd" and args.textures else {}
     torch.manual_seed(args.seed)
     model = cls(args.backbone, weights=args.weights, preset=args.preset, image_size=args.image_size,
@@ -377,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=sorted(METHODS), default="dmgrd")
     p.add_argument("--backbone", default="wide_resnet50_2")
     p.add_argument("--weights", default="imagenet", help='"imagenet", a .pth file, or "none"')
-    p.add_argument("--preset", choices=["clean", "official"], default="clean")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="clean",
+                   help="clean, official (every method) or light (DM-GRD: the clean preset without MSFF)")
     p.add_argument("--image-size", type=_size, default=256, help="N (square) or HxW, e.g. 640x256")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--textures", help="DM-GRD: texture folder (DTD layout); default: procedural textures")

@@ -100,3 +100,9 @@ def test_variants_sizes_and_unknown_methods():
                               {"clean": {}, "official": {"preset": "official"}})
     assert len(cells) == 2 * 2 * 2 * 2 and len({c.key for c in cells}) == len(cells)
     assert cells[-1].key == "kolektor/patchcore/official/seed1"
+    for variant, message in [({"preset": "light"}, "'v' does not fit rd4ad: preset must be one of"),
+                             ({"memory_sise": 3}, "'v' does not fit dmgrd: unknown DMGRDConfig option.*memory_sise"),
+                             ({"blend": "nope"}, "'v' does not fit dmgrd: blend must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            benchmarking.grid(["synthetic:object"], ["dmgrd", "rd4ad"], [0], {"v": variant})
+    assert len(benchmarking.grid(["synthetic:object"], ["dmgrd"], [0], {"v": {"preset": "light"}})) == 1

@@ -99,6 +99,13 @@ def test_bad_config_files(tmp_path):
         main(["train", "--config", str(path), "--out", str(tmp_path / "run")])
 
 
+def test_a_preset_the_method_lacks_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="rd4ad has no preset 'light'; its presets: clean, official"):
+        main(["train", *COMMON, "--method", "rd4ad", "--preset", "light", "--out", str(out)])
+    assert not out.exists()
+
+
 def test_test_command_outputs_and_the_model_learned(trained, tmp_path):
     out = tmp_path / "test"
     assert main(["test", *COMMON, "--checkpoint", str(trained / "model.pt"), "--out", str(out)]) == 0

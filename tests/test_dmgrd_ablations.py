@@ -52,6 +52,15 @@ def test_without_msff_a_1x1_projection_fuses_each_level(gen):
     assert torch.isfinite(losses["loss"])
 
 
+def test_the_light_preset_is_the_clean_preset_without_msff():
+    light = dmgrd.DMGRDConfig.from_preset("light")
+    assert light.ablate == ("msff",)
+    assert {**light.to_dict(), "preset": "clean"} == dmgrd.DMGRDConfig.from_preset("clean", ablate="msff").to_dict()
+    assert isinstance(dmgrd.DMGRD(LITE0, weights=None, image_size=64, preset="light").fusion, GuidedProjection)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        dmgrd.RD4AD(LITE0, weights=None, image_size=64, preset="light")
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"ablate": "memory"}, "ablate must name"),
     ({"ablate": "normal_memory"}, "the clean preset's: pass memory_map_levels=()"),

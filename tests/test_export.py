@@ -46,7 +46,7 @@ def bottle():
     return torch.utils.data.Subset(train, range(8, len(train))), torch.utils.data.Subset(train, range(8)), images
 
 
-@pytest.fixture(scope="module", params=[(m, p) for m in OPTIONS for p in ("clean", "official")],
+@pytest.fixture(scope="module", params=[(m, p) for m in OPTIONS for p in dmgrd.models.METHODS[m].config_class.PRESETS],
                 ids=lambda mp: f"{mp[0]}-{mp[1]}")
 def trained(request, bottle, tmp_path_factory):
     """A model fitted for a few steps on bottle, and its checkpoint with decision thresholds."""

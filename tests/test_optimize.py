@@ -16,12 +16,14 @@ SIZE = 64
 # map value (maps are sums of 1 - cos over levels, or PatchCore's distances); measured <= 4e-5 at these sizes.
 TOLERANCE = 2e-4
 SMALL = {"dmgrd": {"memory_size": 3, "texture_count": 2}, "memkd": {"exemplars": 3, "memory_items": 8}}
+# every method's clean preset, and the presets only some methods have
+CASES = [(method, "clean") for method in sorted(METHODS)] + [("dmgrd", "light")]
 
 
-def fitted(method: str, backbone: str) -> nn.Module:
+def fitted(method: str, backbone: str, preset: str = "clean") -> nn.Module:
     """A model with its data-built state and non-trivial BatchNorm statistics (so folding changes weights)."""
     torch.manual_seed(0)
-    model = METHODS[method](backbone, weights=None, image_size=SIZE, **SMALL.get(method, {}))
+    model = METHODS[method](backbone, weights=None, preset=preset, image_size=SIZE, **SMALL.get(method, {}))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for module in model.modules():
@@ -44,9 +46,9 @@ def assert_same_prediction(plain, fast, images) -> None:
 
 
 @pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18"])
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_optimized_model_predicts_the_same(method, backbone):
-    plain = fitted(method, backbone)
+@pytest.mark.parametrize(("method", "preset"), CASES, ids=lambda x: x)
+def test_optimized_model_predicts_the_same(method, preset, backbone):
+    plain = fitted(method, backbone, preset)
     batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     fast = copy.deepcopy(plain).optimize()
     assert batchnorms > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())  # all folded

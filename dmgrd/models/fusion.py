@@ -97,7 +97,8 @@ class MSFF(nn.Module):
 
 
 class GuidedProjection(nn.Module):
-    """MSFF's ablation: a 1x1 convolution per level from the guided input (``2 * C_l`` channels) to ``C_l``."""
+    """MSFF's ablation and the light preset's fusion: a 1x1 convolution per level from the guided input
+    (``2 * C_l`` channels) to ``C_l``."""
 
     def __init__(self, channels: tuple[int, ...]):
         super().__init__()
