@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/train_memory.py dmgrd --backbone wide_resnet50_2 --recompute
 
-Prints, for each of ``--steps`` training steps (the second one holds Adam's state too), its time and the
+Prints, for each of ``--steps`` training steps (the second one holds Adam's state too), its wall-clock and
+processor time (all threads: with one thread, its cost on a core of its own, however busy the machine) and the
 process's peak RSS during it (peak CUDA allocation on a GPU; ``bench_models``' measure, reset before each step).
 Random images and random teacher weights; DM-GRD's banks are built from 8 images.
 """
@@ -42,13 +43,13 @@ def main() -> None:
     with activation_checkpointing(model.recomputed_modules() if args.recompute else []):
         for step in range(args.steps):
             peak_memory_reset()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             losses = model.training_losses(images, torch.Generator().manual_seed(step))
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
-            print(f"{label}: step {step} {time.perf_counter() - start:.1f} s, peak {peak_memory_mb() / 1024:.2f} GiB",
-                  flush=True)
+            print(f"{label}: step {step} {time.perf_counter() - start:.1f} s ({time.process_time() - cpu_start:.1f} "
+                  f"CPU s), peak {peak_memory_mb() / 1024:.2f} GiB", flush=True)
 
 
 if __name__ == "__main__":

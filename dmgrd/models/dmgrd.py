@@ -49,7 +49,7 @@ class DMGRDConfig(ModelConfig):
 
     ``light`` preset: the clean preset without MSFF (``ablate=("msff",)``, a 1x1 convolution per level fuses the
     guided input). On KolektorSDD at 640x256 (3 seeds) it scores as the clean preset within one seed std (image
-    AUROC 0.871 vs 0.858, AUPRO@0.3 0.631 vs 0.629) and trains in a third of the time (docs/results.md).
+    AUROC 0.871 vs 0.858, AUPRO@0.3 0.631 vs 0.629) and trains in about a third of the time (docs/results.md).
 
     Options beyond the paper (defaults off in both presets, but for the clean preset's ``memory_map_levels``):
     ``memory="patch"`` compares every pixel with its nearest normal (abnormal) memory *patch*, PatchCore-style,
