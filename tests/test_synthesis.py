@@ -402,7 +402,10 @@ def test_synth_lines_are_thin_scratches_and_blobs_are_unchanged(gen):
         area, left = masks.sum((1, 2, 3)), eroded.sum((1, 2, 3))
         return int(((area > 0) & (left == 0)).sum()), int((left > 0).sum())
 
-    assert thin_and_thick(mask) == (16, 0)
+    thin, thick = thin_and_thick(mask)
+    # A one-pixel line that leaves the image between pixel centres can draw nothing: over 300 seeds, 0 empty
+    # masks of 16 in 285 batches, 1 in 14, 2 in 1; never a thick one.
+    assert thick == 0 and thin >= 13
     # Both shapes in one batch of 16, each drawn with probability 1/2 (over 50 seeds: 7-14 thin, 2-9 thick; a
     # Perlin blob can be empty or thin at this size).
     thin, thick = thin_and_thick(S.AnomalySynthesizer(textures, shapes=("blobs", "lines")).synth(images,

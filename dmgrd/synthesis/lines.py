@@ -23,7 +23,7 @@ def polyline_mask(
     Per sample: ``U{segments}`` segments from a uniform start point, the first heading uniform, each next heading
     turned by ``N(0, turn)`` radians, each segment ``U(step)`` times the shorter image side long; the line is
     ``U(width)`` pixels wide at a 256-pixel shorter side (scaled with it, at least one pixel), and may leave the
-    image. Random draws
+    image (a one-pixel line leaving it between pixel centres can leave the mask empty). Random draws
     happen on the generator's device, the rasterisation (:func:`rasterize_polylines`) on ``device`` (default:
     the generator's).
     """
