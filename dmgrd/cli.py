@@ -29,6 +29,14 @@ from dmgrd.models.checkpoint import read_payload
 
 DATASETS = {"mvtec": MVTecAD, "visa": VisA, "btad": BTAD, "folder": Folder, "synthetic": Synthetic}
 PRESET_NAMES = sorted({name for method in METHODS.values() for name in method.config_class.PRESETS})
+
+
+def _preset_help() -> str:
+    """'clean, official (every method); dmgrd also: light', from the methods' own presets."""
+    common = set.intersection(*(set(method.config_class.PRESETS) for method in METHODS.values()))
+    extra = {name: sorted(set(method.config_class.PRESETS) - common) for name, method in sorted(METHODS.items())}
+    return f"{', '.join(sorted(common))} (every method)" + "".join(
+        f"; {name} also: {', '.join(names)}" for name, names in extra.items() if names)
 CHECKPOINT_NAME = "model.pt"
 CONFIG_NAME = "config.json"
 # train options that config.json does not record: where to write, whether to resume, the file itself
@@ -382,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="wide_resnet50_2")
     p.add_argument("--weights", default="imagenet", help='"imagenet", a .pth file, or "none"')
     p.add_argument("--preset", choices=PRESET_NAMES, default="clean",
-                   help="clean, official (every method) or light (DM-GRD: the clean preset without MSFF)")
+                   help=_preset_help())
     p.add_argument("--image-size", type=_size, default=256, help="N (square) or HxW, e.g. 640x256")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--textures", help="DM-GRD: texture folder (DTD layout); default: procedural textures")

@@ -106,6 +106,13 @@ def test_a_preset_the_method_lacks_is_refused_before_anything_is_written(tmp_pat
     assert not out.exists()
 
 
+def test_train_help_names_each_methods_presets(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "clean, official (every method); dmgrd also: light" in text
+
+
 def test_test_command_outputs_and_the_model_learned(trained, tmp_path):
     out = tmp_path / "test"
     assert main(["test", *COMMON, "--checkpoint", str(trained / "model.pt"), "--out", str(out)]) == 0

@@ -1,4 +1,5 @@
-"""model.optimize(): every method predicts as before (BatchNorm folded, inference mode), refuses to train or save."""
+"""model.optimize(): every method predicts as before (BatchNorm folded, inference mode), traces as one graph for
+torch.compile, refuses to train or save."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import copy
 
 import pytest
 import torch
+from conftest import FULLGRAPH_THROUGH_OPS, ext_loaded
 from torch import nn
 
 from dmgrd.models.base import METHODS
 from dmgrd.models.optimize import conv_bn_pairs, fold_batchnorm
+from dmgrd.ops import use_backend
 
 SIZE = 64
 # Folding rewrites bn(conv(x)) as one convolution: the same sums in another order. Relative to the largest
@@ -65,6 +68,23 @@ def test_channels_last_is_the_cpu_default_and_can_be_turned_off(channels_last):
     weight = fast.teacher.body.conv1.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) == (channels_last is None)
     assert_same_prediction(plain, fast, torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4)))
+
+
+@pytest.mark.skipif(not FULLGRAPH_THROUGH_OPS, reason="older Dynamo breaks the graph at every dmgrd.ops call")
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+@pytest.mark.parametrize(("method", "preset"), CASES, ids=lambda x: x)
+def test_an_optimized_forward_compiles_as_one_graph(method, preset, backend):
+    # optimize(compile=True) compiles score(): a data-dependent Python branch in it (DM-GRD's memory check
+    # once split it into 6 graphs) would cut the graph, and fusion with it. The Triton interpreter is not
+    # traceable, so the CPU backends are the extension and the torch references.
+    if backend == "ext" and not ext_loaded():
+        pytest.skip("dmgrd._C is not loaded (DMGRD_NO_EXT=1 install)")
+    fast = fitted(method, "resnet18", preset).optimize()
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    with use_backend(backend), torch.inference_mode():
+        explained = torch._dynamo.explain(fast.score)(images)
+    assert explained.graph_break_count == 0, [str(reason.reason)[:200] for reason in explained.break_reasons]
 
 
 def test_an_optimized_model_refuses_to_train_or_save(tmp_path):

@@ -134,20 +134,16 @@ class MemoryBank(nn.Module):
                                                                                               torch.Tensor]:
         """The queries ``feats`` [B, C_l, H, W] averaged as :meth:`unit_patches` and, for each pixel, the nearest
         (smallest angle) of the unit patches, both ``[B, C_l, H, W]``."""
-        self.check_filled()
+        check_filled(self)
         query = local_average(feats, window)
         bank = self.unit_patches(level, window).to(feats.dtype)
         rows = nearest_rows(pixel_rows(F.normalize(query, dim=1)), bank)
         batch, _, height, width = feats.shape
         return query, bank[rows].view(batch, height, width, bank.shape[1]).permute(0, 3, 1, 2)
 
-    def check_filled(self) -> None:
-        if not self.filled:
-            raise RuntimeError("the memory bank is empty: fit the model (or load a fitted checkpoint) first")
-
     def select(self, feats: list[torch.Tensor]) -> tuple[Selection, list[torch.Tensor]]:
         """Index j* [B] of the chosen item and the memory-guided inputs ``[F_l, (M_l[j*] - F_l)^2]`` per level."""
-        self.check_filled()
+        check_filled(self)
         chosen = self.nearest(feats)
         return chosen, [guided_input(f, m[chosen]) for f, m in zip(feats, self.items, strict=True)]
 
@@ -218,7 +214,7 @@ class PatchMemoryBank(MemoryBank):
 
     def select(self, feats: list[torch.Tensor]) -> tuple[Selection, list[torch.Tensor]]:
         """Nearest patch rows per level ([B, H_l, W_l]) and the guided inputs ``[F_l, (P_l[nn] - F_l)^2]``."""
-        self.check_filled()
+        check_filled(self)
         rows = self.nearest_patches(feats)
         guided = []
         for level, (f, index) in enumerate(zip(feats, rows, strict=True)):
@@ -235,6 +231,13 @@ def nearest_items(query: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tuple[
     if torch.onnx.is_in_onnx_export():
         return pairwise_distance_reference(query, bank, "l2").topk(k, dim=1, largest=False)
     return ops.memory_nearest(query, bank, k, "l2")
+
+
+def check_filled(bank: nn.Module) -> None:
+    """Raises unless ``bank.filled``. Skipped inside ``torch.compile``: a compiled forward comes from
+    ``optimize()``, whose eager pass has checked, and the data-dependent branch would split the graph."""
+    if not torch.compiler.is_compiling() and not bank.filled:
+        raise RuntimeError("the memory bank is empty: fit the model (or load a fitted checkpoint) first")
 
 
 def nearest_rows(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dmgrd import ops
 from dmgrd.layout import pixel_rows
 from dmgrd.models.base import AnomalyModel
 from dmgrd.models.config import ModelConfig
-from dmgrd.models.memory import local_average, nearest_items
+from dmgrd.models.memory import check_filled, local_average, nearest_items
 from dmgrd.models.state import register_data_buffer
 from dmgrd.ops.anomaly_map import gaussian_blur_reference
 
@@ -137,8 +137,7 @@ class PatchCore(AnomalyModel):
         self.memory.fill(patches)
 
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.memory.filled:
-            raise RuntimeError("the memory bank is empty: fit the model (or load a fitted checkpoint) first")
+        check_filled(self.memory)
         feats = self.patch_features(images)
         batch, _, height, width = feats.shape
         rows = pixel_rows(feats)
