@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--mode", choices=("plain", "optimized", "compiled"), default="optimized")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--direct-convolutions", action="store_true",
+                        help="optimize(window_gemm=False): every convolution through oneDNN, as before")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=PYTHON_LITERAL",
                         help="a config option, e.g. memory_map_levels=() (repeatable)")
     args = parser.parse_args()
@@ -43,7 +45,8 @@ def main() -> None:
     model.prepare(data, torch.Generator().manual_seed(1), batch_size=8)
     model.eval()
     if args.mode != "plain":
-        model.optimize(compile=args.mode == "compiled")
+        options = {"window_gemm": False} if args.direct_convolutions else {}
+        model.optimize(compile=args.mode == "compiled", **options)
     images = torch.rand(8, 3, args.size, args.size, generator=gen)
     rates = {}
     for batch in (8, 1):
@@ -60,9 +63,9 @@ def main() -> None:
         rates[batch] = batch / statistics.median(seconds)
         if args.mode == "compiled":
             print(f"warm-up (compilation) at batch {batch}: {warmup:.0f} s")
-    extra = "".join(f" {item}" for item in args.option)
+    extra = "".join(f" {item}" for item in args.option) + (" direct" if args.direct_convolutions else "")
     print(f"{args.method} {args.backbone} {args.preset}{extra} {args.mode} {args.size}x{args.size}, "
-          f"{torch.get_num_threads()} threads: batch 8 {rates[8]:.1f} images/s, batch 1 {rates[1]:.1f} images/s")
+          f"{torch.get_num_threads()} threads: batch 8 {rates[8]:.3g} images/s, batch 1 {rates[1]:.3g} images/s")
 
 
 if __name__ == "__main__":

@@ -190,13 +190,15 @@ class AnomalyModel(nn.Module):
         with torch.inference_mode() if self.optimized else contextlib.nullcontext():
             return Prediction(*self.score(self.input_images(images)))
 
-    def optimize(self, *, channels_last: bool | None = None, compile: bool = False) -> AnomalyModel:
+    def optimize(self, *, channels_last: bool | None = None, window_gemm: bool | None = None,
+                 compile: bool = False) -> AnomalyModel:
         """Make this fitted model a faster predictor, in place, and return it: eval mode, frozen weights,
-        BatchNorm folded into the convolutions before it, channels_last weights (default: on CPU) and, with
-        ``compile=True``, a ``torch.compile``d :meth:`score` (compiled on the first batch of each shape).
-        Predictions match the plain model up to float rounding; an optimised model can no longer be trained or
-        saved (:func:`dmgrd.models.optimize.optimize`)."""
-        return optimize(self, channels_last=channels_last, compile=compile)
+        BatchNorm folded into the convolutions before it, channels_last weights (default: on CPU), the 3x3
+        convolutions of small grids as one GEMM (default: with channels_last on CPU) and, with ``compile=True``,
+        a ``torch.compile``d :meth:`score` (compiled on the first batch of each shape). Predictions match the
+        plain model up to float rounding; an optimised model can no longer be trained or saved
+        (:func:`dmgrd.models.optimize.optimize`)."""
+        return optimize(self, channels_last=channels_last, window_gemm=window_gemm, compile=compile)
 
     def fit(self, train_data, steps: int = 1000, batch_size: int = 8, **kwargs: Any) -> list[dict[str, float]]:
         """Train on a data set of normal images (items with ``"image"``); see :func:`dmgrd.models.training.fit`."""
