@@ -34,19 +34,19 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=PYTHON_LITERAL",
                         help="a config option, e.g. memory_map_levels=() (repeatable)")
     args = parser.parse_args()
-    options = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.option)}
+    config = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.option)}
     torch.manual_seed(0)
     weights = None if args.weights == "none" else args.weights
     model = METHODS[args.method](args.backbone, weights=weights, preset=args.preset, image_size=args.size,
-                                 **options)
+                                 **config)
     gen = torch.Generator().manual_seed(0)
     data = [{"image": torch.rand(3, args.size, args.size, generator=gen)} for _ in range(32)]
     model.train()
     model.prepare(data, torch.Generator().manual_seed(1), batch_size=8)
     model.eval()
     if args.mode != "plain":
-        options = {"window_gemm": False} if args.direct_convolutions else {}
-        model.optimize(compile=args.mode == "compiled", **options)
+        direct = {"window_gemm": False} if args.direct_convolutions else {}  # older checkouts lack the keyword
+        model.optimize(compile=args.mode == "compiled", **direct)
     images = torch.rand(8, 3, args.size, args.size, generator=gen)
     rates = {}
     for batch in (8, 1):

@@ -29,14 +29,6 @@ from dmgrd.models.checkpoint import read_payload
 
 DATASETS = {"mvtec": MVTecAD, "visa": VisA, "btad": BTAD, "folder": Folder, "synthetic": Synthetic}
 PRESET_NAMES = sorted({name for method in METHODS.values() for name in method.config_class.PRESETS})
-
-
-def _preset_help() -> str:
-    """'clean, official (every method); dmgrd also: light', from the methods' own presets."""
-    common = set.intersection(*(set(method.config_class.PRESETS) for method in METHODS.values()))
-    extra = {name: sorted(set(method.config_class.PRESETS) - common) for name, method in sorted(METHODS.items())}
-    return f"{', '.join(sorted(common))} (every method)" + "".join(
-        f"; {name} also: {', '.join(names)}" for name, names in extra.items() if names)
 CHECKPOINT_NAME = "model.pt"
 CONFIG_NAME = "config.json"
 # train options that config.json does not record: where to write, whether to resume, the file itself
@@ -280,6 +272,14 @@ def demo(args) -> int:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
+
+def _preset_help() -> str:
+    """'clean, official (every method); dmgrd also: light', from the methods' own presets."""
+    common = set.intersection(*(set(method.config_class.PRESETS) for method in METHODS.values()))
+    extra = {name: sorted(set(method.config_class.PRESETS) - common) for name, method in sorted(METHODS.items())}
+    return f"{', '.join(sorted(common))} (every method)" + "".join(
+        f"; {name} also: {', '.join(names)}" for name, names in extra.items() if names)
+
 
 def _size(text: str) -> int | tuple[int, int]:
     try:

@@ -152,13 +152,14 @@ WINDOW_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
-@pytest.mark.parametrize(("batch", "channels", "out_channels", "height", "width", "bias"), [
-    (1, 256, 96, 5, 7, True),     # 35 pixels: the GEMM path
-    (2, 192, 64, 3, 3, False),    # 18 pixels, no bias: the GEMM path
-    (3, 64, 40, 9, 11, True),     # 297 pixels of 64 channels: the direct path
-    (2, 128, 33, 4, 4, True),     # exactly at the threshold (32 * 2048 = 128 ** 2): the GEMM path
+@pytest.mark.parametrize(("batch", "channels", "out_channels", "height", "width", "bias", "gemm"), [
+    (1, 256, 96, 5, 6, True, True),     # 30 pixels of 256 channels (30 * 2048 < 256 ** 2)
+    (2, 192, 64, 3, 3, False, True),    # 18 pixels, no bias: at the threshold, 18 * 2048 = 192 ** 2
+    (1, 256, 96, 5, 7, True, False),    # 35 pixels of 256 channels: just past it, the direct path
+    (3, 64, 40, 9, 11, True, False),    # 297 pixels of 64 channels: the direct path
+    (2, 256, 33, 4, 4, True, True),     # 32 * 2048 = 256 ** 2, odd output channels
 ])
-def test_window_gemm_convolution_equals_the_convolution(batch, channels, out_channels, height, width, bias,
+def test_window_gemm_convolution_equals_the_convolution(batch, channels, out_channels, height, width, bias, gemm,
                                                         layout, dtype):
     gen = torch.Generator().manual_seed(6)
     conv = nn.Conv2d(channels, out_channels, 3, padding=1, bias=bias).to(dtype)
@@ -175,7 +176,7 @@ def test_window_gemm_convolution_equals_the_convolution(batch, channels, out_cha
     with torch.no_grad():
         expected, got = conv(x), fast(x)
     assert fast.gemm_weight().data_ptr() == fast.weight.data_ptr()  # one copy of the weight, a view
-    assert runs_as_gemm(batch, channels, height, width) == (channels * channels >= 2048 * batch * height * width)
+    assert runs_as_gemm(batch, channels, height, width) == gemm
     scale = expected.float().abs().max()
     torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=WINDOW_TOLERANCE[dtype] * scale)
 

@@ -156,6 +156,7 @@ def runs_as_gemm(batch: int, channels: int, height: int, width: int) -> bool:
 
 
 def eligible_for_window_gemm(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain 3x3, stride-1, dilation-1, dense, zero-padded ``nn.Conv2d``."""
     return (type(module) is nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1)
             and module.dilation == (1, 1) and module.groups == 1 and module.padding == (1, 1)
             and module.padding_mode == "zeros")
