@@ -124,7 +124,7 @@ class WindowGemmConv2d(nn.Module):
     input when the output has few pixels for its input channels (``B * H * W * 2048 <= C_in ** 2``), and as
     ``F.conv2d`` otherwise. oneDNN's direct convolution is slow there: with 2 threads, ``[1, 2048, 16, 16]`` ran
     at 146 GFLOP/s against 293 as a GEMM, ``[8, 1024, 8, 8]`` 235 against 316, while ``[8, 512, 32, 32]`` and
-    every efficientnet_lite0 shape ran faster direct (README, "End-to-end speed"). One weight serves both: the
+    the efficientnet_lite0 shapes measured ran faster direct (README, "End-to-end speed"). One weight serves both: the
     channels_last ``[C_out, C_in, 3, 3]`` weight is, as memory, the GEMM's ``[C_out, 3 * 3 * C_in]``."""
 
     def __init__(self, conv: nn.Module):
