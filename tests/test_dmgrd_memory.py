@@ -97,6 +97,35 @@ def test_official_legacy_selection_stays_on_the_torch_code(gen, monkeypatch):
         filled(MemoryBank(CHANNELS, SIZES, memory_size=6), gen).select(random_pyramid(gen, 1))
 
 
+def gap_selection_formula(feats, items, selection: str) -> torch.Tensor:
+    """The attention / legacy selection distances written out, the items' GAP recomputed from ``items``."""
+    per_level = []
+    for f, m in zip(feats, items, strict=True):
+        gap = m.mean((2, 3))
+        attention = torch.softmax(torch.einsum("lc,bcp->blp", F.normalize(gap, dim=1),
+                                               F.normalize(f.flatten(2), dim=1)), dim=1)
+        if selection == "attention":
+            per_level.append(-attention.mean(2))
+        else:
+            readout = torch.einsum("blp,lc->bcp", attention, gap)
+            per_level.append(readout.topk(m.shape[0] // 3, dim=1).values.mean(2))
+    return sum(per_level) if selection == "attention" else torch.cat(per_level, dim=1)
+
+
+@pytest.mark.parametrize("selection", ["attention", "legacy"])
+def test_gap_selections_equal_their_formula_and_follow_refills(gen, selection):
+    bank = filled(MemoryBank(CHANNELS, SIZES, memory_size=6, selection=selection), gen)
+    queries = random_pyramid(gen, 3)
+    for _ in range(2):  # the second time after new items in place: the cached GAP must follow them
+        expected = gap_selection_formula(queries, bank.items, selection)
+        assert torch.allclose(bank.distances(queries), expected, rtol=1e-5, atol=1e-6)
+        filled(bank, gen)
+    other = filled(MemoryBank(CHANNELS, SIZES, memory_size=6, selection=selection), gen)
+    bank.load_state_dict(other.state_dict())
+    expected = gap_selection_formula(queries, other.items, selection)
+    assert torch.allclose(bank.distances(queries), expected, rtol=1e-5, atol=1e-6)
+
+
 # -- memory="patch" ------------------------------------------------------------------------------------------
 
 

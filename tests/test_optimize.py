@@ -12,8 +12,10 @@ from torch import nn
 
 from dmgrd.models.base import METHODS
 from dmgrd.models.optimize import (
+    GemmConvTranspose2d,
     WindowGemmConv2d,
     conv_bn_pairs,
+    eligible_for_gemm_transpose,
     eligible_for_window_gemm,
     fold_batchnorm,
     runs_as_gemm,
@@ -99,8 +101,10 @@ def test_an_optimized_forward_compiles_as_one_graph(method, preset, backend):
 def test_window_gemm_convolutions_are_the_cpu_channels_last_default(channels_last, window_gemm, expected):
     plain = fitted("dmgrd", "resnet18")
     fast = copy.deepcopy(plain).optimize(channels_last=channels_last, window_gemm=window_gemm)
-    assert any(isinstance(m, WindowGemmConv2d) for m in fast.modules()) == expected
-    assert not expected or not any(eligible_for_window_gemm(m) for m in fast.modules())  # all of them
+    for fast_type, eligible in ((WindowGemmConv2d, eligible_for_window_gemm),
+                                (GemmConvTranspose2d, eligible_for_gemm_transpose)):
+        assert any(isinstance(m, fast_type) for m in fast.modules()) == expected
+        assert not expected or not any(eligible(m) for m in fast.modules())  # all of them
     assert_same_prediction(plain, fast, torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7)))
 
 
@@ -144,7 +148,8 @@ def test_only_batchnorms_fed_by_one_convolution_alone_are_folded():
 
 
 # WindowGemmConv2d's two paths against the convolution it replaces, relative to the output's largest value:
-# float32 sums of 9 * C_in products in another order, measured <= 1.5e-6 over 20 seeds of these cases;
+# float32 sums of 9 * C_in (or C_in) products in another order, measured <= 2.3e-6 (3x3) and 4.2e-7 (1x1) over 20
+# seeds of these cases;
 # bfloat16 (both paths accumulate in float32 and round once) equal there, where one bfloat16 step of the largest
 # value would be 7.8e-3.
 WINDOW_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -159,35 +164,79 @@ WINDOW_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
     (3, 64, 40, 9, 11, True, False),    # 297 pixels of 64 channels: the direct path
     (2, 256, 33, 4, 4, True, True),     # 32 * 2048 = 256 ** 2, odd output channels
 ])
+@pytest.mark.parametrize("kernel", [3, 1])
 def test_window_gemm_convolution_equals_the_convolution(batch, channels, out_channels, height, width, bias, gemm,
-                                                        layout, dtype):
+                                                        layout, dtype, kernel):
+    conv = nn.Conv2d(channels, out_channels, kernel, padding=kernel // 2, bias=bias)
+    check_gemm_layer(conv, WindowGemmConv2d, (batch, channels, height, width), layout, dtype, gemm)
+
+
+def check_gemm_layer(layer: nn.Module, fast_type: type, shape: tuple[int, ...], layout: str, dtype: torch.dtype,
+                     gemm: bool) -> None:
+    """``fast_type(layer)`` equals ``layer`` (random weights) on a random ``shape`` input in ``layout``, and takes
+    the GEMM path exactly when ``gemm``."""
     gen = torch.Generator().manual_seed(6)
-    conv = nn.Conv2d(channels, out_channels, 3, padding=1, bias=bias).to(dtype)
+    layer = layer.to(dtype)
     with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
-        if bias:
-            conv.bias.copy_(torch.randn(out_channels, generator=gen))
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen))
+    batch, channels, height, width = shape
     x = torch.randn(batch, channels, height, width + (2 if layout == "sliced" else 0), generator=gen).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "sliced":  # non-contiguous: every pixel row has two columns cut off
         x = x[..., 1:-1]
-    fast = WindowGemmConv2d(conv)
+    fast = fast_type(layer)
     with torch.no_grad():
-        expected, got = conv(x), fast(x)
+        expected, got = layer(x), fast(x)
     assert fast.gemm_weight().data_ptr() == fast.weight.data_ptr()  # one copy of the weight, a view
     assert runs_as_gemm(batch, channels, height, width) == gemm
+    assert got.shape == expected.shape
     scale = expected.float().abs().max()
     torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=WINDOW_TOLERANCE[dtype] * scale)
 
 
-def test_only_dense_3x3_stride_1_convolutions_run_as_window_gemms():
-    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, stride=2),
-                          nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+def test_only_dense_1x1_and_3x3_stride_1_convolutions_run_as_window_gemms():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1, stride=2),
+                          nn.Conv2d(8, 8, 1, stride=2), nn.Conv2d(8, 8, 1, padding=1),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 5, padding=2),
                           nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.Conv2d(8, 8, 3, padding=1,
                                                                                padding_mode="reflect"))
+    assert use_window_gemm(model) == 2
+    assert isinstance(model[0], WindowGemmConv2d) and isinstance(model[1], WindowGemmConv2d)
+    assert all(type(module) is nn.Conv2d for module in model[2:])
+    with pytest.raises(ValueError, match="not a 1x1 or 3x3 stride-1"):
+        WindowGemmConv2d(model[2])
+
+
+# GemmConvTranspose2d's two paths against the transposed convolution it replaces, relative to the output's
+# largest value: each output is one sum of C_in products (kernel = stride: no overlap), perhaps in another order on
+# the GEMM path; equal in float32 and bfloat16 over 20 seeds of these cases, 1.8e-6 at the decoder's
+# [1, 2048, 8, 8] -> 1024 (too slow for a test), so the window tolerance holds.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize(("batch", "channels", "out_channels", "height", "width", "kernel", "bias", "gemm"), [
+    (1, 256, 96, 5, 6, 2, True, True),          # 30 pixels of 256 channels: the GEMM path
+    (2, 192, 33, 3, 3, 2, False, True),         # at the threshold (18 * 2048 = 192 ** 2), odd C_out, no bias
+    (1, 256, 40, 5, 7, 2, True, False),         # 35 pixels: just past it, the direct path
+    (2, 256, 24, 2, 3, (2, 3), True, True),     # a non-square kernel and stride
+    (3, 64, 40, 9, 11, 3, True, False),         # 297 pixels of 64 channels: the direct path
+])
+def test_gemm_transposed_convolution_equals_the_transposed_convolution(batch, channels, out_channels, height, width,
+                                                                      kernel, bias, gemm, layout, dtype):
+    conv = nn.ConvTranspose2d(channels, out_channels, kernel, stride=kernel, bias=bias)
+    check_gemm_layer(conv, GemmConvTranspose2d, (batch, channels, height, width), layout, dtype, gemm)
+
+
+def test_only_transposed_convolutions_whose_kernel_is_the_stride_run_as_gemms():
+    model = nn.Sequential(nn.ConvTranspose2d(8, 8, 2, stride=2), nn.ConvTranspose2d(8, 8, 3, stride=2),
+                          nn.ConvTranspose2d(8, 8, 2, stride=2, padding=1), nn.ConvTranspose2d(8, 8, 2, stride=2,
+                                                                                              groups=2),
+                          nn.ConvTranspose2d(8, 8, 1, stride=1, output_padding=0, dilation=2),
+                          nn.ConvTranspose2d(8, 8, 2, stride=2, output_padding=1, dilation=2))
     assert use_window_gemm(model) == 1
-    assert isinstance(model[0], WindowGemmConv2d)
-    assert all(type(module) is nn.Conv2d for module in model[1:])
-    with pytest.raises(ValueError, match="not a 3x3 stride-1"):
-        WindowGemmConv2d(model[1])
+    assert isinstance(model[0], GemmConvTranspose2d)
+    assert all(type(module) is nn.ConvTranspose2d for module in model[1:])
+    with pytest.raises(ValueError, match="kernel = stride"):
+        GemmConvTranspose2d(model[1])

@@ -193,8 +193,9 @@ class AnomalyModel(nn.Module):
     def optimize(self, *, channels_last: bool | None = None, window_gemm: bool | None = None,
                  compile: bool = False) -> AnomalyModel:
         """Make this fitted model a faster predictor, in place, and return it: eval mode, frozen weights,
-        BatchNorm folded into the convolutions before it, channels_last weights (default: on CPU), the 3x3
-        convolutions of small grids as one GEMM (default: with channels_last on CPU) and, with ``compile=True``,
+        BatchNorm folded into the convolutions before it, channels_last weights (default: on CPU), the 1x1 and 3x3
+        convolutions and the decoders' transposed convolutions of small grids as one GEMM each (default: with
+        channels_last on CPU) and, with ``compile=True``,
         a ``torch.compile``d :meth:`score` (compiled on the first batch of each shape). Predictions match the
         plain model up to float rounding; an optimised model can no longer be trained or saved
         (:func:`dmgrd.models.optimize.optimize`)."""

@@ -103,6 +103,12 @@ class MemoryBank(nn.Module):
         return [self._cache.get(f"pooled_{level}", [m], functools.partial(_pooled, m))
                 for level, m in enumerate(self.items)]
 
+    def item_means(self) -> list[torch.Tensor]:
+        """Per level [L, C_l]: the float32 global average pool of every item (cached: the ``"attention"`` and
+        ``"legacy"`` selections read it on every forward)."""
+        return [self._cache.get(f"means_{level}", [m], functools.partial(_float_means, m))
+                for level, m in enumerate(self.items)]
+
     @torch.no_grad()
     def distances(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Selection score D [B, L] (or [B, 3 * (L // 3)] for ``"legacy"``); the chosen item is its argmin."""
@@ -111,9 +117,9 @@ class MemoryBank(nn.Module):
             dist, index = ops.memory_nearest(flatten_scaled(feats, bank.dtype), bank, bank.shape[0], "l2")
             return torch.empty_like(dist).scatter_(1, index, dist)
         if self.selection == "attention":
-            return -level_sum(_item_attention(f, m).mean(2) for f, m in zip(feats, self.items, strict=True))
+            return -level_sum(_item_attention(f, m).mean(2) for f, m in zip(feats, self.item_means(), strict=True))
         k = self.items[0].shape[0] // 3
-        return torch.cat([_legacy_statistic(f, m, k) for f, m in zip(feats, self.items, strict=True)], dim=1)
+        return torch.cat([_legacy_statistic(f, m, k) for f, m in zip(feats, self.item_means(), strict=True)], dim=1)
 
     @torch.no_grad()
     def nearest(self, feats: list[torch.Tensor]) -> torch.Tensor:
@@ -267,15 +273,21 @@ def _pooled(items: torch.Tensor) -> torch.Tensor:
     return F.normalize(items.mean((2, 3)), dim=1)
 
 
-def _item_attention(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """softmax over items j of cos(GAP(m_j), f[b, :, p]) -> [B, L, H*W]."""
+def _float_means(items: torch.Tensor) -> torch.Tensor:
+    """[L, C]: the float32 global average pool of items [L, C, H, W]."""
+    return items.float().mean((2, 3))
+
+
+def _item_attention(f: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """softmax over items j of cos(GAP(m_j), f[b, :, p]) -> [B, L, H*W], from the items' float GAP ``means``."""
     pixels = F.normalize(f.flatten(2).float(), dim=1)  # B x C x P
-    items = F.normalize(m.float().mean((2, 3)), dim=1)  # L x C
+    items = F.normalize(means, dim=1)  # L x C
     return torch.softmax(torch.einsum("lc,bcp->blp", items, pixels), dim=1)
 
 
-def _legacy_statistic(f: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
-    """The official ``_calc_diff``: attention read-out of GAP memory, top-k over *channels*, mean over pixels."""
-    attention = _item_attention(f, m)  # B x L x P
-    readout = torch.einsum("blp,lc->bcp", attention, m.float().mean((2, 3)))
+def _legacy_statistic(f: torch.Tensor, means: torch.Tensor, k: int) -> torch.Tensor:
+    """The official ``_calc_diff``: attention read-out of GAP memory (the items' float ``means``), top-k over
+    *channels*, mean over pixels."""
+    attention = _item_attention(f, means)  # B x L x P
+    readout = torch.einsum("blp,lc->bcp", attention, means)
     return readout.topk(k, dim=1).values.mean(2)
