@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from stage_profiler import gemm_gflops
 
 from dmgrd.models.base import METHODS
 
@@ -71,7 +72,7 @@ def main() -> None:
             models[name](images[:batch])
         for _ in range(args.rounds):
             if args.against_direct:
-                gemm_rates.append(gemm_rate())
+                gemm_rates.append(gemm_gflops(torch.device("cpu"), repeats=1))
             for (name, batch), times in seconds.items():
                 start = time.perf_counter()
                 models[name](images[:batch])
@@ -88,14 +89,6 @@ def main() -> None:
             line += (f"; {flops / 1e9:.1f} GFLOP/image, {100 * rates[8] * flops / 1e9 / gemm:.0f} % / "
                      f"{100 * rates[1] * flops / 1e9 / gemm:.0f} % of the GEMM rate {gemm:.0f} GFLOP/s")
         print(line)
-
-
-def gemm_rate() -> float:
-    """GFLOP/s of one fp32 ``torch.mm`` of two 2048x2048 matrices."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    start = time.perf_counter()
-    torch.mm(a, b)
-    return 2 * 2048 ** 3 / 1e9 / (time.perf_counter() - start)
 
 
 def image_flops(model, image: torch.Tensor) -> int:

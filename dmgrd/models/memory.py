@@ -100,8 +100,8 @@ class MemoryBank(nn.Module):
 
     def pooled(self) -> list[torch.Tensor]:
         """Per level [L, C_l]: the L2-normalised global average pool of every item (cached)."""
-        return [self._cache.get(f"pooled_{level}", [m], functools.partial(_pooled, m))
-                for level, m in enumerate(self.items)]
+        return [self._cache.get(f"pooled_{level}", [m], functools.partial(_unit_rows, means, m.dtype))
+                for level, (means, m) in enumerate(zip(self.item_means(), self.items, strict=True))]
 
     def item_means(self) -> list[torch.Tensor]:
         """Per level [L, C_l]: the float32 global average pool of every item (cached: the ``"attention"`` and
@@ -268,9 +268,9 @@ def flatten_scaled(feats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tenso
     return torch.cat([f.flatten(1).to(dtype) / math.sqrt(f.shape[1:].numel()) for f in feats], dim=1)
 
 
-def _pooled(items: torch.Tensor) -> torch.Tensor:
-    """[L, C]: the L2-normalised global average pool of items [L, C, H, W]."""
-    return F.normalize(items.mean((2, 3)), dim=1)
+def _unit_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``rows`` scaled to unit length, in ``dtype``."""
+    return F.normalize(rows, dim=1).to(dtype)
 
 
 def _float_means(items: torch.Tensor) -> torch.Tensor:
